@@ -1,0 +1,172 @@
+"""The `cargolint-webhooks` command: parse, build settings, start one thing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from engine import __version__
+from engine.logs import setup_logging
+from engine.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+POSTGRES_HINT = (
+    "PostgreSQL is not reachable at {where}; start it with "
+    "'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'"
+)
+RABBITMQ_HINT = "RabbitMQ is not reachable at {where}; start it with 'rabbitmq-server -detached'"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cargolint-webhooks",
+        description="CargoLint Webhooks: the API and the delivery engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("migrate", help="create the database if missing and apply migrations")
+    sub.add_parser("api", help="serve the management API")
+    sub.add_parser("worker", help="run the delivery engine")
+    sub.add_parser("demo", help="everything locally, end to end, for a first look")
+    bench = sub.add_parser("bench", help="run the benchmark (see bench/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for `python -m bench`")
+
+    accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = accounts.add_parser("create", help="create an account and its first API key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--plan", required=True, choices=["starter", "business", "enterprise"])
+    create.add_argument("--mode", default="test", choices=["test", "live"])
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    key = keys.add_parser("create", help="create another API key for an account")
+    key.add_argument("--account", required=True, metavar="ACCOUNT_ID")
+    key.add_argument("--mode", default="test", choices=["test", "live"])
+    return parser
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+
+
+async def _migrate(settings: Settings, _: argparse.Namespace) -> int:
+    from engine.store.migrate import migrate  # noqa: PLC0415 - each command loads only its own code
+
+    applied = await migrate(settings.database_url, secret_keys=settings.secret_keys)
+    _print_json({"applied": applied})
+    return 0
+
+
+async def _accounts(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.store import accounts  # noqa: PLC0415
+
+    pool_conn = await _connect_db(settings)
+    try:
+        account_id, api_key = await accounts.create_account(
+            pool_conn, name=args.name, plan=args.plan, mode=args.mode
+        )
+    finally:
+        await pool_conn.close()
+    _print_json({"accountId": account_id, "apiKey": api_key})
+    return 0
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.store import accounts  # noqa: PLC0415
+
+    conn = await _connect_db(settings)
+    try:
+        api_key = await accounts.create_key(conn, account_id=args.account, mode=args.mode)
+    finally:
+        await conn.close()
+    if api_key is None:
+        sys.stderr.write(f"account {args.account} does not exist\n")
+        return 1
+    _print_json({"accountId": args.account, "apiKey": api_key})
+    return 0
+
+
+async def _connect_db(settings: Settings) -> Any:
+    from engine.store.db import connect  # noqa: PLC0415
+
+    return await connect(settings.database_url)
+
+
+async def _api(settings: Settings, _: argparse.Namespace) -> int:
+    from engine.api.app import serve  # noqa: PLC0415
+
+    await serve(settings)
+    return 0
+
+
+async def _worker(settings: Settings, _: argparse.Namespace) -> int:
+    from engine.worker.main import run  # noqa: PLC0415
+
+    return await run(settings)
+
+
+async def _demo(settings: Settings, _: argparse.Namespace) -> int:
+    from engine.demo import run  # noqa: PLC0415
+
+    return await run(settings)
+
+
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+COMMANDS: dict[str, Command] = {
+    "migrate": _migrate,
+    "accounts": _accounts,
+    "keys": _keys,
+    "api": _api,
+    "worker": _worker,
+    "demo": _demo,
+}
+
+
+def _unreachable(exc: BaseException, settings: Settings) -> str | None:
+    """A one-line hint when Postgres or RabbitMQ cannot be reached, else None."""
+    text = f"{type(exc).__module__}.{type(exc).__name__}"
+    if "aiormq" in text or "aio_pika" in text or "AMQP" in str(exc):
+        return RABBITMQ_HINT.format(where=settings.amqp_url.rsplit("@", 1)[-1])
+    if isinstance(exc, OSError | TimeoutError):
+        where = settings.database_url.rsplit("@", 1)[-1]
+        return POSTGRES_HINT.format(where=where)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        from bench.__main__ import main as bench_main  # noqa: PLC0415
+
+        return bench_main(args.args)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        import uvloop  # noqa: PLC0415
+
+        runner: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        return runner(COMMANDS[args.command](settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, TimeoutError) as exc:
+        hint = _unreachable(exc, settings)
+        if hint is None:
+            raise
+        sys.stderr.write(hint + "\n")
+        return 3

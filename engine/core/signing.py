@@ -1,0 +1,35 @@
+"""Webhook signatures (CONTRACT §3): HMAC-SHA256 of the raw body, keyed by the secret."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from engine import __version__
+
+__all__ = ["USER_AGENT", "request_headers", "sign", "verify"]
+
+USER_AGENT = f"CargoLint-Webhooks/{__version__}"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The `X-CargoLint-Signature` value: `sha256=<hex>`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    """True when `signature` is the body's signature; compared in constant time."""
+    return hmac.compare_digest(sign(secret, body), signature)
+
+
+def request_headers(
+    *, secret: str, body: bytes, event_type: str, delivery_id: str
+) -> dict[str, str]:
+    """Every header of a webhook request."""
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "X-CargoLint-Event": event_type,
+        "X-CargoLint-Delivery": delivery_id,
+        "X-CargoLint-Signature": sign(secret, body),
+    }

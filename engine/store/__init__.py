@@ -1,0 +1,1 @@
+"""Postgres access with asyncpg: migrations and one module per table family."""

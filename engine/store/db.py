@@ -1,0 +1,38 @@
+"""Connection pools and the database's own name handling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+__all__ = ["NOTIFY_CHANNEL", "connect", "create_pool"]
+
+# Every change to a webhook is announced here; the payload is the webhook id.
+NOTIFY_CHANNEL = "cargolint_webhooks"
+
+
+async def _init(conn: asyncpg.Connection[Any]) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool[Any]:
+    """A pool with our codecs; the caller closes it."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init, command_timeout=30
+    )
+    assert pool is not None  # noqa: S101 - create_pool returns None only when awaited twice
+    return pool
+
+
+async def connect(dsn: str) -> asyncpg.Connection[Any]:
+    """One connection with our codecs (for LISTEN, which needs a dedicated connection)."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, command_timeout=30)
+    await _init(conn)
+    return conn

@@ -1,0 +1,208 @@
+"""Events, deliveries and attempts: batched writes for the worker, reads for the API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from engine.core.events import Event
+
+__all__ = [
+    "AttemptRecord",
+    "NewDelivery",
+    "count_deliveries",
+    "delivery_json",
+    "get_delivery",
+    "insert_events_and_deliveries",
+    "list_deliveries",
+    "record_attempts",
+]
+
+Conn = asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]
+
+_RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, response_status,
+    response_time_ms, error, created_at, last_attempt_at, next_attempt_at"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """A delivery to create: the (event, webhook) pair and its deterministic id."""
+
+    id: str
+    webhook_id: str
+    event: Event
+    is_test: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One finished attempt and the delivery state it leads to.
+
+    `status` is the delivery's new status; `next_attempt_at` is set when a retry is scheduled.
+    """
+
+    delivery_id: str
+    number: int
+    attempted_at: datetime
+    response_status: int | None
+    response_time_ms: int | None
+    error_class: str | None
+    error: str | None
+    response_body: str | None
+    status: str
+    next_attempt_at: datetime | None
+
+
+async def insert_events_and_deliveries(
+    conn: Conn,
+    events: Sequence[Event],
+    deliveries: Sequence[NewDelivery],
+    *,
+    claimed_by: str | None,
+) -> set[str]:
+    """Insert events and deliveries in two statements; return the ids of deliveries that are new.
+
+    Existing rows are left alone, so a redelivered message creates nothing twice. Run it inside
+    a transaction when both must land together.
+    """
+    if events:
+        await conn.execute(
+            """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                                    $5::text[], $6::bytea[])
+               ON CONFLICT DO NOTHING""",
+            [e.account_id for e in events],
+            [e.id for e in events],
+            [e.mode for e in events],
+            [e.type for e in events],
+            [e.timestamp for e in events],
+            [e.data for e in events],
+        )
+    if not deliveries:
+        return set()
+    rows = await conn.fetch(
+        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
+                                   next_attempt_at, claimed_by)
+           SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
+                  now(), $7
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+                AS d(id, webhook_id, account_id, event_id, event_type, is_test)
+           ON CONFLICT (id) DO NOTHING
+           RETURNING id""",
+        [d.id for d in deliveries],
+        [d.webhook_id for d in deliveries],
+        [d.event.account_id for d in deliveries],
+        [d.event.id for d in deliveries],
+        [d.event.type for d in deliveries],
+        [d.is_test for d in deliveries],
+        claimed_by,
+    )
+    return {r["id"] for r in rows}
+
+
+async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:
+    """Write attempts and update their deliveries, a batch in two statements.
+
+    A delivery is updated only while it is still pending, so a late duplicate attempt cannot
+    overwrite a final state. A retry releases the claim, so any worker may take it when due.
+    """
+    if not records:
+        return
+    cols = (
+        [r.delivery_id for r in records],
+        [r.number for r in records],
+        [r.attempted_at for r in records],
+        [r.response_status for r in records],
+        [r.response_time_ms for r in records],
+        [r.error_class for r in records],
+        [r.error for r in records],
+        [r.response_body for r in records],
+    )
+    await conn.execute(
+        """INSERT INTO delivery_attempts (delivery_id, number, attempted_at, response_status,
+                                          response_time_ms, error_class, error, response_body)
+           SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[], $5::int[],
+                                $6::text[], $7::text[], $8::text[])""",
+        *cols,
+    )
+    await conn.execute(
+        """UPDATE deliveries d SET
+               attempts = GREATEST(d.attempts, u.number),
+               response_status = u.response_status,
+               response_time_ms = u.response_time_ms,
+               error = u.error,
+               last_attempt_at = u.attempted_at,
+               status = u.status,
+               next_attempt_at = u.next_attempt_at,
+               claimed_by = NULL
+           FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[], $5::int[],
+                       $6::text[], $7::text[], $8::timestamptz[])
+                AS u(id, number, attempted_at, response_status, response_time_ms, error,
+                     status, next_attempt_at)
+           WHERE d.id = u.id AND d.status = 'pending'""",
+        cols[0],
+        cols[1],
+        cols[2],
+        cols[3],
+        cols[4],
+        cols[6],
+        [r.status for r in records],
+        [r.next_attempt_at for r in records],
+    )
+
+
+async def get_delivery(conn: Conn, delivery_id: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_RECORD_COLUMNS} FROM deliveries WHERE id = $1", delivery_id
+    )
+    return row
+
+
+async def list_deliveries(
+    conn: Conn, webhook_id: str, *, offset: int, limit: int
+) -> list[asyncpg.Record]:
+    """A page of a webhook's deliveries, newest first (served by deliveries_by_webhook)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_RECORD_COLUMNS} FROM deliveries WHERE webhook_id = $1
+            ORDER BY created_at DESC, id DESC OFFSET $2 LIMIT $3""",
+        webhook_id,
+        offset,
+        limit,
+    )
+    return rows
+
+
+async def count_deliveries(conn: Conn, webhook_id: str) -> int:
+    total: int = await conn.fetchval(
+        "SELECT count(*) FROM deliveries WHERE webhook_id = $1", webhook_id
+    )
+    return total
+
+
+def _rfc3339(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def delivery_json(row: asyncpg.Record) -> dict[str, Any]:
+    """The delivery record of CONTRACT §1."""
+    return {
+        "id": row["id"],
+        "webhookId": row["webhook_id"],
+        "eventId": row["event_id"],
+        "event": row["event_type"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "responseStatus": row["response_status"],
+        "responseTimeMs": row["response_time_ms"],
+        "error": row["error"],
+        "createdAt": _rfc3339(row["created_at"]),
+        "lastAttemptAt": _rfc3339(row["last_attempt_at"]),
+        "nextAttemptAt": _rfc3339(row["next_attempt_at"]),
+    }

@@ -1,0 +1,107 @@
+"""Shared fixtures: a throwaway database, a RabbitMQ vhost, a trustme CA and HTTPS receivers.
+
+Everything is real: the machine's Postgres and RabbitMQ, each test session in its own database
+and vhost so parallel runs never see each other's rows or messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import trustme
+
+from engine.core.ids import random_token
+from engine.settings import Settings
+from engine.store.db import create_pool
+from engine.store.migrate import migrate
+from tests.receiver import Receiver
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost", "::1").configure_cert(context)
+    return context
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    name = f"cargolint_test_{random_token(10)}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    await migrate(url)
+    yield url
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost for this test session, deleted at the end."""
+    vhost = f"cargolint_test_{random_token(10)}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, ca_file: Path) -> Settings:
+    """Settings for tests: the session's database, receivers on 127.0.0.1 allowed, our CA."""
+    return Settings(
+        database_url=database_url,
+        allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+        ca_bundle=ca_file,
+        delivery_timeout=5.0,
+        retry_schedule=(0.2, 0.4),
+        poll_interval=0.1,
+    )
+
+
+def with_(settings: Settings, **changes: Any) -> Settings:
+    """A copy of settings with some fields changed."""
+    return dataclasses.replace(settings, **changes)
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    pool = await create_pool(database_url)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def receiver(server_ssl: ssl.SSLContext) -> AsyncIterator[Receiver]:
+    """An HTTPS receiver on 127.0.0.1 with a certificate from the session's CA."""
+    receiver = await Receiver(server_ssl).start()
+    yield receiver
+    await receiver.stop()
