@@ -88,7 +88,8 @@ async def insert_events_and_deliveries(
         """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
                                    next_attempt_at, claimed_by)
            SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
-                  now(), $7
+                  -- a test delivery is attempted once, by the API: never due for a worker
+                  CASE WHEN d.is_test THEN NULL ELSE now() END, $7
            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
                 AS d(id, webhook_id, account_id, event_id, event_type, is_test)
            ON CONFLICT (id) DO NOTHING

@@ -1,0 +1,1 @@
+"""The delivery engine: consume → match → record → dispatch → retry."""

@@ -1,0 +1,125 @@
+"""The worker's Prometheus metrics. Labels are small fixed sets: never a URL, account or id.
+
+deploy/ (alerts, dashboard) relies on these exact names; its tests scrape a running worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from engine import __version__
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """Every worker metric, registered in one registry (a fresh one per worker in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry or CollectorRegistry()
+        self.registry = r
+        p = "cargolint_webhooks_"
+        Info(p + "build", "Version of the running engine.", registry=r).info(
+            {"version": __version__}
+        )
+        # outcome: accepted | dead_lettered
+        self.events_consumed = Counter(
+            p + "events_consumed_total",
+            "Messages consumed from the events queue.",
+            ["outcome"],
+            registry=r,
+        )
+        # reason: invalid_json | too_large | unknown_event_type | schema_invalid
+        self.events_dead_lettered = Counter(
+            p + "events_dead_lettered_total",
+            "Messages dead-lettered, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.deliveries_created = Counter(
+            p + "deliveries_created_total",
+            "Deliveries created from events.",
+            ["event_type"],
+            registry=r,
+        )
+        # outcome: succeeded | failed (final states only)
+        self.deliveries = Counter(
+            p + "deliveries_total",
+            "Deliveries that reached a final state.",
+            ["event_type", "outcome"],
+            registry=r,
+        )
+        # outcome: success | http_status | redirect | timeout | connection | tls | blocked_address
+        self.attempts = Counter(
+            p + "delivery_attempts_total",
+            "HTTP delivery attempts, by outcome.",
+            ["event_type", "outcome"],
+            registry=r,
+        )
+        self.attempt_duration = Histogram(
+            p + "delivery_attempt_duration_seconds",
+            "Time from request start to response end.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            p + "deliveries_in_flight", "HTTP attempts under way now.", registry=r
+        )
+        self.queued = Gauge(
+            p + "deliveries_queued",
+            "Deliveries held in memory waiting for an endpoint's limits.",
+            registry=r,
+        )
+        self.retries_scheduled = Counter(
+            p + "retries_scheduled_total",
+            "Failed attempts that scheduled a retry.",
+            ["event_type"],
+            registry=r,
+        )
+        self.retries_due = Gauge(
+            p + "retries_due",
+            "Pending deliveries whose next attempt is due now (from Postgres).",
+            registry=r,
+        )
+        self.retries_pending = Gauge(
+            p + "retries_pending",
+            "Pending deliveries waiting for a later retry (from Postgres).",
+            registry=r,
+        )
+        self.rate_limit_waits = Counter(
+            p + "rate_limit_waits_total",
+            "Times a delivery waited for its endpoint's rate or concurrency limit.",
+            ["limit"],
+            registry=r,  # limit: rate | concurrency | global
+        )
+        self.cache_webhooks = Gauge(
+            p + "cache_webhooks", "Active webhooks in the subscription cache.", registry=r
+        )
+        self.cache_reload_duration = Histogram(
+            p + "cache_reload_duration_seconds",
+            "Time a full subscription cache reload took.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.cache_last_reload = Gauge(
+            p + "cache_last_reload_timestamp_seconds",
+            "Unix time of the last successful full cache reload.",
+            registry=r,
+        )
+        self.cache_reload_failures = Counter(
+            p + "cache_reload_failures_total", "Full cache reloads that failed.", registry=r
+        )
+        self.event_lag = Histogram(
+            p + "event_to_first_attempt_seconds",
+            "Time from an event's receipt by the worker to its first delivery attempt.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.consumer_up = Gauge(
+            p + "consumer_up",
+            "1 while this worker is connected and consuming, else 0.",
+            registry=r,
+        )
