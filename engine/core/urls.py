@@ -113,13 +113,9 @@ def blocked_reason(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | No
             candidate.version == net.version and candidate in net for net in allowed
         ):
             return None
-    for candidate in (ip, inner):
-        if candidate is None:
-            continue
-        reason = _classify(candidate)
-        if reason:
-            return f"{ip} is a {reason} address"
-    return None
+    # A wrapped IPv4 address is judged by what it wraps: that is where packets end up.
+    reason = _classify(inner if inner is not None else ip)
+    return f"{ip} is a {reason} address" if reason else None
 
 
 def _classify(ip: IPAddress) -> str | None:
