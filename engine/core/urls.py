@@ -27,7 +27,16 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_NUMERIC_HOST = re.compile(r"^[0-9a-fA-Fx.]+$")
+# Not globally reachable (IANA special-purpose registries; RFC 3879 for site-local), yet
+# `ipaddress` before Python 3.11.10/3.12.4 (CVE-2024-4032) calls them global: listed here so
+# the block list does not depend on the Python patch release.
+_SPECIAL: tuple[tuple[IPNetwork, str], ...] = (
+    (ipaddress.ip_network("192.0.0.0/24"), "reserved"),
+    (ipaddress.ip_network("fec0::/10"), "site-local"),
+    (ipaddress.ip_network("3fff::/20"), "reserved"),
+    (ipaddress.ip_network("5f00::/16"), "reserved"),
+)
+_NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")
 
 
 class UrlError(ValueError):
@@ -131,6 +140,9 @@ def _classify(ip: IPAddress) -> str | None:
         return "carrier-grade NAT"
     if ip.is_private:
         return "private"
+    for net, label in _SPECIAL:
+        if ip.version == net.version and ip in net:
+            return label
     if ip.is_reserved or not ip.is_global:
         return "reserved"
     return None
