@@ -144,7 +144,8 @@ async def _read_capped(response: aiohttp.ClientResponse) -> str:
         size += len(chunk)
     if not response.content.at_eof():
         response.close()
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    # Postgres text cannot hold NUL; a receiver's body may contain one.
+    return b"".join(chunks).decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def _cause_chain(exc: BaseException) -> list[BaseException]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -22,7 +22,10 @@ __all__ = [
     "record_attempts",
 ]
 
-Conn = asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]
+# A string: asyncpg's classes are generic only to the type checker.
+Conn: TypeAlias = (
+    "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]"
+)
 
 _RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, response_status,
     response_time_ms, error, created_at, last_attempt_at, next_attempt_at"""
