@@ -1,0 +1,256 @@
+"""The Webhooks API's handlers (CONTRACT §1). Auth has run by the time any of these is called."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from engine.api.auth import principal
+from engine.api.destination import check_destination
+from engine.api.errors import ApiError, bad_request
+from engine.api.state import BOX, POOL, SENDER, SETTINGS
+from engine.api.validation import WEBHOOK_ID, parse_create, parse_page, parse_update
+from engine.core.events import Event
+from engine.core.ids import delivery_id, new_id
+from engine.core.payload import build_body, sample_data
+from engine.core.signing import request_headers
+from engine.store import deliveries, webhooks
+
+__all__ = ["MAX_BODY", "routes"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body: 413 over MAX_BODY, 415 unless JSON, 400 if malformed."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise _too_large()
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    chunks: list[bytes] = []
+    size = 0
+    # Counted as it streams in: a chunked body has no Content-Length to trust.
+    while chunk := await request.content.read(MAX_BODY + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _too_large()
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise bad_request("invalid_json", "request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request("invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def _webhook_id(request: web.Request) -> str:
+    value = request.match_info["id"]
+    if not WEBHOOK_ID.match(value):
+        raise _not_found(value)
+    return value
+
+
+def _not_found(webhook_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"webhook {webhook_id[:80]} not found")
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
+        f"{value.microsecond // 1000:03d}Z"
+    )
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    who = principal(request)
+    settings = request.app[SETTINGS]
+    spec = parse_create(await read_json(request), allow_http=settings.allow_http)
+    await check_destination(spec.url, settings.allowed_networks)
+    try:
+        async with request.app[POOL].acquire() as conn:
+            row, secret = await webhooks.create_webhook(
+                conn,
+                account_id=who.account_id,
+                mode=who.mode,
+                url=spec.url,
+                events=spec.events,
+                active=spec.active,
+                description=spec.description,
+                box=request.app[BOX],
+                limit=settings.max_webhooks_per_account,
+            )
+    except webhooks.WebhookLimitError as exc:
+        raise ApiError(409, "webhook_limit_reached", str(exc)) from None
+    log.info(
+        "webhook created",
+        extra={"webhook_id": row["id"], "account_id": who.account_id, "mode": who.mode},
+    )
+    return _json(webhooks.webhook_json(row, secret=secret), status=201)
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    who = principal(request)
+    offset, limit = parse_page(request.query)
+    async with request.app[POOL].acquire() as conn:
+        rows, total = await webhooks.list_webhooks(
+            conn, account_id=who.account_id, mode=who.mode, offset=offset, limit=limit
+        )
+    data = [webhooks.webhook_json(r) for r in rows]
+    return _json({"data": data, "offset": offset, "limit": limit, "total": total})
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    who = principal(request)
+    webhook_id = _webhook_id(request)
+    async with request.app[POOL].acquire() as conn:
+        row = await webhooks.get_webhook(
+            conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
+        )
+    if row is None:
+        raise _not_found(webhook_id)
+    return _json(webhooks.webhook_json(row))
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    who = principal(request)
+    webhook_id = _webhook_id(request)
+    settings = request.app[SETTINGS]
+    changes = parse_update(await read_json(request), allow_http=settings.allow_http)
+    if "url" in changes:
+        await check_destination(changes["url"], settings.allowed_networks)
+    async with request.app[POOL].acquire() as conn:
+        row = await webhooks.update_webhook(
+            conn,
+            account_id=who.account_id,
+            mode=who.mode,
+            webhook_id=webhook_id,
+            changes=changes,
+        )
+    if row is None:
+        raise _not_found(webhook_id)
+    log.info("webhook updated", extra={"webhook_id": webhook_id, "fields": sorted(changes)})
+    return _json(webhooks.webhook_json(row))
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    who = principal(request)
+    webhook_id = _webhook_id(request)
+    async with request.app[POOL].acquire() as conn:
+        deleted = await webhooks.delete_webhook(
+            conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
+        )
+    if not deleted:
+        raise _not_found(webhook_id)
+    log.info("webhook deleted", extra={"webhook_id": webhook_id})
+    return web.Response(status=204)
+
+
+async def test_webhook(request: web.Request) -> web.Response:
+    """Make one real, signed delivery now and return its record. Inactive webhooks too."""
+    who = principal(request)
+    webhook_id = _webhook_id(request)
+    pool = request.app[POOL]
+    target = await webhooks.load_one(pool, webhook_id, request.app[BOX])
+    if target is None or (target.account_id, target.mode) != (who.account_id, who.mode):
+        raise _not_found(webhook_id)
+
+    event_type = target.events[0]
+    event = Event(
+        id=new_id("evt_test"),
+        type=event_type,
+        account_id=target.account_id,
+        mode=target.mode,
+        timestamp=_rfc3339(datetime.now(UTC)),
+        data=orjson.dumps(sample_data(event_type)),
+    )
+    dlv_id = delivery_id(target.id, target.account_id, event.id)
+    async with pool.acquire() as conn, conn.transaction():
+        await deliveries.insert_events_and_deliveries(
+            conn,
+            [event],
+            [deliveries.NewDelivery(dlv_id, target.id, event, is_test=True)],
+            claimed_by=None,
+        )
+    body = build_body(
+        event_type=event_type,
+        timestamp=event.timestamp,
+        webhook_id=target.id,
+        delivery_id=dlv_id,
+        data=event.data,
+        test=True,
+    )
+    headers = request_headers(
+        secret=target.secret, body=body, event_type=event_type, delivery_id=dlv_id
+    )
+    attempted_at = datetime.now(UTC)
+    outcome = await request.app[SENDER].send(target.url, body, headers)
+    record = deliveries.AttemptRecord(
+        delivery_id=dlv_id,
+        number=1,
+        attempted_at=attempted_at,
+        response_status=outcome.status,
+        response_time_ms=outcome.elapsed_ms,
+        error_class=outcome.error_class,
+        error=outcome.error,
+        response_body=outcome.body,
+        # A test delivery is attempted once and never retried.
+        status="succeeded" if outcome.succeeded else "failed",
+        next_attempt_at=None,
+    )
+    # Shielded: a client that hangs up must not leave the record half-written.
+    await asyncio.shield(deliveries.record_attempts(pool, [record]))
+    row = await deliveries.get_delivery(pool, dlv_id)
+    assert row is not None  # noqa: S101 - inserted above, never deleted
+    log.info(
+        "test delivery made",
+        extra={
+            "webhook_id": target.id,
+            "delivery_id": dlv_id,
+            "outcome": record.status,
+            "response_status": outcome.status,
+            "error_class": outcome.error_class,
+        },
+    )
+    return _json(deliveries.delivery_json(row))
+
+
+async def list_webhook_deliveries(request: web.Request) -> web.Response:
+    who = principal(request)
+    webhook_id = _webhook_id(request)
+    offset, limit = parse_page(request.query)
+    async with request.app[POOL].acquire() as conn:
+        found = await webhooks.get_webhook(
+            conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
+        )
+        if found is None:
+            raise _not_found(webhook_id)
+        rows = await deliveries.list_deliveries(conn, webhook_id, offset=offset, limit=limit)
+        total = await deliveries.count_deliveries(conn, webhook_id)
+    data = [deliveries.delivery_json(r) for r in rows]
+    return _json({"data": data, "offset": offset, "limit": limit, "total": total})
+
+
+routes = [
+    web.post("/api/v1/webhooks", create_webhook),
+    web.get("/api/v1/webhooks", list_webhooks),
+    web.get("/api/v1/webhooks/{id}", get_webhook),
+    web.put("/api/v1/webhooks/{id}", update_webhook),
+    web.delete("/api/v1/webhooks/{id}", delete_webhook),
+    web.post("/api/v1/webhooks/{id}/test", test_webhook),
+    web.get("/api/v1/webhooks/{id}/deliveries", list_webhook_deliveries),
+]

@@ -1,0 +1,25 @@
+"""Typed keys for the API application's shared state, set up in `app.build_app`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from engine.api.limits import KeyRateLimiter
+from engine.api.metrics import ApiMetrics
+from engine.core.crypto import SecretBox
+from engine.delivery import Sender
+from engine.settings import Settings
+from engine.store.accounts import Principal
+
+__all__ = ["BOX", "LIMITER", "METRICS", "POOL", "PRINCIPAL", "SENDER", "SETTINGS"]
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL: web.AppKey[asyncpg.Pool[Any]] = web.AppKey("pool")
+SENDER = web.AppKey("sender", Sender)
+BOX = web.AppKey("box", SecretBox)
+METRICS = web.AppKey("metrics", ApiMetrics)
+LIMITER = web.AppKey("limiter", KeyRateLimiter)
+PRINCIPAL = web.RequestKey("principal", Principal)

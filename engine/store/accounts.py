@@ -1,0 +1,86 @@
+"""Accounts and their API keys. A key is stored only as a hash; its plaintext is shown once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from engine.core.crypto import hash_api_key, key_matches, new_api_key
+from engine.core.ids import new_id
+
+__all__ = ["KEY_PREFIXES", "Principal", "authenticate", "create_account", "create_key"]
+
+Conn: TypeAlias = (
+    "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]"
+)
+
+KEY_PREFIXES = ("sk_test_", "sk_live_")
+# Enough of the key to tell keys apart in a listing, far too little to guess the rest.
+_SHOWN_PREFIX = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who an API key speaks for: the account, its plan, and the key's mode."""
+
+    key_id: str
+    account_id: str
+    plan: str
+    mode: str
+
+
+async def _insert_key(conn: Conn, account_id: str, mode: str) -> str:
+    key = new_api_key(mode)
+    await conn.execute(
+        """INSERT INTO api_keys (id, account_id, mode, key_hash, key_prefix)
+           VALUES ($1, $2, $3, $4, $5)""",
+        new_id("key"),
+        account_id,
+        mode,
+        hash_api_key(key),
+        key[:_SHOWN_PREFIX],
+    )
+    return key
+
+
+async def create_account(
+    conn: asyncpg.Connection[Any], *, name: str, plan: str, mode: str
+) -> tuple[str, str]:
+    """Create an account with its first API key; return (account id, key plaintext)."""
+    account_id = new_id("acct")
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO accounts (id, name, plan) VALUES ($1, $2, $3)", account_id, name, plan
+        )
+        key = await _insert_key(conn, account_id, mode)
+    return account_id, key
+
+
+async def create_key(conn: Conn, *, account_id: str, mode: str) -> str | None:
+    """Another key for an existing account (its plaintext), or None if there is no such account."""
+    if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id) is None:
+        return None
+    return await _insert_key(conn, account_id, mode)
+
+
+async def authenticate(conn: Conn, api_key: str) -> Principal | None:
+    """The principal a presented key speaks for, or None for an unknown or revoked key.
+
+    The row is found by the key's hash; the hash is then compared again in constant time so
+    no code path depends on a byte-by-byte comparison of secret material.
+    """
+    if not api_key.startswith(KEY_PREFIXES) or not api_key.isascii():
+        return None
+    row = await conn.fetchrow(
+        """SELECT k.id, k.account_id, k.mode, k.key_hash, a.plan
+           FROM api_keys k JOIN accounts a ON a.id = k.account_id
+           WHERE k.key_hash = $1 AND k.revoked_at IS NULL""",
+        hash_api_key(api_key),
+    )
+    if row is None or not key_matches(api_key, row["key_hash"]):
+        return None
+    return Principal(
+        key_id=row["id"], account_id=row["account_id"], plan=row["plan"], mode=row["mode"]
+    )

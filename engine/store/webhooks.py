@@ -1,0 +1,282 @@
+"""Webhooks: the API's CRUD, scoped by (account, mode), and the worker's loaders.
+
+Every change runs in one transaction that also sends `NOTIFY cargolint_webhooks, '<id>'`, so
+workers refresh their cache only once the change is committed. Deleting is soft (`deleted_at`):
+delivery history stays, and a deleted webhook is 404 everywhere after. Deleting or deactivating
+a webhook ends its pending deliveries as `failed`.
+
+For the worker: `load_active` (every active webhook) and `load_one` (one webhook after a NOTIFY)
+return `WebhookTarget`s with the signing secret already opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from engine.core.crypto import SecretBox, new_webhook_secret
+from engine.core.ids import new_id
+from engine.store.db import NOTIFY_CHANNEL
+
+__all__ = [
+    "UPDATABLE",
+    "WebhookLimitError",
+    "WebhookTarget",
+    "create_webhook",
+    "delete_webhook",
+    "get_webhook",
+    "list_webhooks",
+    "load_active",
+    "load_one",
+    "update_webhook",
+    "webhook_json",
+]
+
+log = logging.getLogger(__name__)
+
+Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+
+UPDATABLE = ("url", "events", "active", "description")
+_COLUMNS = "id, url, events, active, description, created_at, updated_at"
+_TARGET_COLUMNS = "id, account_id, mode, url, events, secret, active"
+
+
+class WebhookLimitError(Exception):
+    """The account already has as many webhooks (in this mode) as it may."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an account may have at most {limit} webhooks in each mode")
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """What the worker needs to deliver to a webhook. `secret` is the plain signing secret."""
+
+    id: str
+    account_id: str
+    mode: str
+    url: str
+    events: tuple[str, ...]
+    secret: str
+    active: bool
+
+
+def _rfc3339(value: datetime) -> str:
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str, Any]:
+    """The webhook object of CONTRACT §1; `secret` only for the create response."""
+    body: dict[str, Any] = {
+        "id": row["id"],
+        "url": row["url"],
+        "events": list(row["events"]),
+        "active": row["active"],
+        "description": row["description"],
+        "createdAt": _rfc3339(row["created_at"]),
+        "updatedAt": _rfc3339(row["updated_at"]),
+    }
+    if secret is not None:
+        body["secret"] = secret
+    return body
+
+
+async def _notify(conn: Conn, webhook_id: str) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, webhook_id)
+
+
+async def _end_pending(conn: Conn, webhook_id: str, reason: str) -> None:
+    await conn.execute(
+        """UPDATE deliveries SET status = 'failed', error = $2, next_attempt_at = NULL,
+                                 claimed_by = NULL
+           WHERE webhook_id = $1 AND status = 'pending'""",
+        webhook_id,
+        reason,
+    )
+
+
+async def create_webhook(
+    conn: Conn,
+    *,
+    account_id: str,
+    mode: str,
+    url: str,
+    events: Sequence[str],
+    active: bool,
+    description: str | None,
+    box: SecretBox,
+    limit: int,
+) -> tuple[asyncpg.Record, str]:
+    """Create a webhook; return its row and its plain signing secret (shown once).
+
+    Raises WebhookLimitError when the account has `limit` webhooks in this mode already.
+    """
+    secret = new_webhook_secret(mode)
+    webhook_id = new_id("wh")
+    async with conn.transaction():
+        # Lock the account so two concurrent creates cannot both slip under the cap.
+        await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+        count = await conn.fetchval(
+            """SELECT count(*) FROM webhooks
+               WHERE account_id = $1 AND mode = $2 AND deleted_at IS NULL""",
+            account_id,
+            mode,
+        )
+        if count >= limit:
+            raise WebhookLimitError(limit)
+        row = await conn.fetchrow(
+            f"""INSERT INTO webhooks (id, account_id, mode, url, events, active, description,
+                                      secret)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                RETURNING {_COLUMNS}""",
+            webhook_id,
+            account_id,
+            mode,
+            url,
+            list(events),
+            active,
+            description,
+            box.seal(secret),
+        )
+        await _notify(conn, webhook_id)
+    assert row is not None  # noqa: S101 - INSERT ... RETURNING always returns the row
+    return row, secret
+
+
+async def get_webhook(
+    conn: Conn, *, account_id: str, mode: str, webhook_id: str
+) -> asyncpg.Record | None:
+    """The webhook if it exists, is not deleted, and belongs to this account and mode."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT {_COLUMNS} FROM webhooks
+            WHERE id = $1 AND account_id = $2 AND mode = $3 AND deleted_at IS NULL""",
+        webhook_id,
+        account_id,
+        mode,
+    )
+    return row
+
+
+async def list_webhooks(
+    conn: Conn, *, account_id: str, mode: str, offset: int, limit: int
+) -> tuple[list[asyncpg.Record], int]:
+    """A page of the account's webhooks in this mode, newest first, and their total."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM webhooks
+            WHERE account_id = $1 AND mode = $2 AND deleted_at IS NULL
+            ORDER BY created_at DESC, id DESC OFFSET $3 LIMIT $4""",
+        account_id,
+        mode,
+        offset,
+        limit,
+    )
+    total: int = await conn.fetchval(
+        """SELECT count(*) FROM webhooks
+           WHERE account_id = $1 AND mode = $2 AND deleted_at IS NULL""",
+        account_id,
+        mode,
+    )
+    return rows, total
+
+
+async def update_webhook(
+    conn: Conn, *, account_id: str, mode: str, webhook_id: str, changes: Mapping[str, Any]
+) -> asyncpg.Record | None:
+    """Apply `changes` (a subset of UPDATABLE) and return the updated row, or None if not found.
+
+    Deactivating ends the webhook's pending deliveries. With no changes, nothing is written.
+    """
+    unknown = set(changes) - set(UPDATABLE)
+    if unknown:
+        raise ValueError(f"cannot update {sorted(unknown)}")
+    if not changes:
+        return await get_webhook(conn, account_id=account_id, mode=mode, webhook_id=webhook_id)
+    args: list[Any] = [webhook_id, account_id, mode]
+    sets = ["updated_at = now()"]
+    for column in UPDATABLE:  # fixed names only; values are bound parameters
+        if column in changes:
+            value = changes[column]
+            args.append(list(value) if column == "events" else value)
+            sets.append(f"{column} = ${len(args)}")
+    async with conn.transaction():
+        row: asyncpg.Record | None = await conn.fetchrow(
+            f"""UPDATE webhooks SET {", ".join(sets)}
+                WHERE id = $1 AND account_id = $2 AND mode = $3 AND deleted_at IS NULL
+                RETURNING {_COLUMNS}""",
+            *args,
+        )
+        if row is None:
+            return None
+        if changes.get("active") is False:
+            await _end_pending(conn, webhook_id, "webhook deactivated")
+        await _notify(conn, webhook_id)
+    return row
+
+
+async def delete_webhook(conn: Conn, *, account_id: str, mode: str, webhook_id: str) -> bool:
+    """Soft-delete the webhook and end its pending deliveries; False if not found."""
+    async with conn.transaction():
+        deleted = await conn.fetchval(
+            """UPDATE webhooks SET deleted_at = now(), updated_at = now()
+               WHERE id = $1 AND account_id = $2 AND mode = $3 AND deleted_at IS NULL
+               RETURNING id""",
+            webhook_id,
+            account_id,
+            mode,
+        )
+        if deleted is None:
+            return False
+        await _end_pending(conn, webhook_id, "webhook deleted")
+        await _notify(conn, webhook_id)
+    return True
+
+
+def _target(row: asyncpg.Record, box: SecretBox) -> WebhookTarget:
+    return WebhookTarget(
+        id=row["id"],
+        account_id=row["account_id"],
+        mode=row["mode"],
+        url=row["url"],
+        events=tuple(row["events"]),
+        secret=box.open(row["secret"]),
+        active=row["active"],
+    )
+
+
+async def load_active(conn: Conn | asyncpg.Pool[Any], box: SecretBox) -> list[WebhookTarget]:
+    """Every active, undeleted webhook, secrets opened with `box`.
+
+    A webhook whose secret cannot be opened (CARGOLINT_SECRET_KEY lacks its key) is logged
+    and left out, so one bad row cannot stop deliveries to all the others.
+    """
+    rows = await conn.fetch(
+        f"SELECT {_TARGET_COLUMNS} FROM webhooks WHERE active AND deleted_at IS NULL"
+    )
+    targets = []
+    for row in rows:
+        try:
+            targets.append(_target(row, box))
+        except ValueError as exc:
+            log.error("cannot open webhook secret", extra={"webhook_id": row["id"], "error": exc})  # noqa: TRY400 - the reason is the whole story; no traceback needed
+    return targets
+
+
+async def load_one(
+    conn: Conn | asyncpg.Pool[Any], webhook_id: str, box: SecretBox
+) -> WebhookTarget | None:
+    """One webhook, active or not (see `active`), or None if it does not exist or is deleted.
+
+    Raises ValueError when its secret cannot be opened with `box`.
+    """
+    row = await conn.fetchrow(
+        f"SELECT {_TARGET_COLUMNS} FROM webhooks WHERE id = $1 AND deleted_at IS NULL",
+        webhook_id,
+    )
+    return None if row is None else _target(row, box)
