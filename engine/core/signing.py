@@ -19,7 +19,10 @@ def sign(secret: str, body: bytes) -> str:
 
 def verify(secret: str, body: bytes, signature: str) -> bool:
     """True when `signature` is the body's signature; compared in constant time."""
-    return hmac.compare_digest(sign(secret, body), signature)
+    # Bytes, not str: compare_digest raises TypeError on non-ASCII str, and a received header
+    # may hold anything (aiohttp decodes headers with surrogateescape).
+    presented = signature.encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(sign(secret, body).encode(), presented)
 
 
 def request_headers(
