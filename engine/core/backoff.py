@@ -6,6 +6,7 @@ is the number of attempts in all.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -38,7 +39,10 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"{text.strip()!r} is not a duration such as 200ms, 5s, 5m or 2h")
     value, unit = match.groups()
-    return float(value) * _UNITS[unit or "s"]
+    seconds = float(value) * _UNITS[unit or "s"]
+    if not math.isfinite(seconds):  # "999…9" overflows to inf, which no clock can add
+        raise ValueError(f"{text.strip()!r} is too long a duration")
+    return seconds
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -62,7 +66,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isascii: str.isdigit() also takes "²", which float() then refuses.
+    if value.isascii() and value.isdigit():
         return min(float(value), RETRY_AFTER_CAP)
     try:
         when = parsedate_to_datetime(value)
