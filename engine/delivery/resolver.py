@@ -31,8 +31,11 @@ def check_host(host: str, allowed: Iterable[IPNetwork]) -> None:
 class SafeResolver(AbstractResolver):
     """Resolve with getaddrinfo, then refuse the answer if any address is blocked."""
 
-    def __init__(self, allowed: Iterable[IPNetwork] = ()) -> None:
-        self._inner = ThreadedResolver()
+    def __init__(
+        self, allowed: Iterable[IPNetwork] = (), inner: AbstractResolver | None = None
+    ) -> None:
+        # `inner` lets tests stand in a resolver that lies, as a rebinding DNS server would.
+        self._inner = inner or ThreadedResolver()
         self._allowed = tuple(allowed)
 
     async def resolve(
