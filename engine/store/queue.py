@@ -1,0 +1,149 @@
+"""The deliveries table as a work queue: claims, worker heartbeats, releases.
+
+A pending delivery is held by at most one worker at a time (`claimed_by`). A claim counts only
+while its worker's row in `workers` has a fresh heartbeat, so a worker killed with `kill -9`
+loses its claims after one lease and any other worker takes them over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.core.events import Event
+from engine.store.deliveries import Conn
+
+__all__ = [
+    "ClaimedDelivery",
+    "QueueDepth",
+    "claim_due",
+    "end_deliveries",
+    "heartbeat",
+    "queue_depth",
+    "release_deliveries",
+    "release_worker",
+]
+
+# A claim is void when no live worker holds it: none with that id, or one silent for a lease.
+_UNCLAIMED = """(d.claimed_by IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM workers w
+                    WHERE w.id = d.claimed_by
+                      AND w.heartbeat_at > now() - make_interval(secs => $2)))"""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A due delivery this worker now holds, with the event it carries."""
+
+    id: str
+    webhook_id: str
+    attempts: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    due: int
+    waiting: int
+
+
+async def claim_due(
+    conn: Conn, worker_id: str, *, lease: float, limit: int
+) -> list[ClaimedDelivery]:
+    """Claim up to `limit` due pending deliveries for `worker_id`, oldest due first.
+
+    SKIP LOCKED lets several workers claim at once without waiting on each other or taking the
+    same row twice.
+    """
+    if limit <= 0:
+        return []
+    rows = await conn.fetch(
+        f"""UPDATE deliveries d SET claimed_by = $1
+            FROM events e
+            WHERE d.id IN (
+                    SELECT d.id FROM deliveries d
+                    WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+                      AND {_UNCLAIMED}
+                    ORDER BY d.next_attempt_at
+                    LIMIT $3
+                    FOR UPDATE OF d SKIP LOCKED)
+              AND e.account_id = d.account_id AND e.id = d.event_id
+            RETURNING d.id, d.webhook_id, d.attempts, e.id AS event_id, e.type, e.account_id,
+                      e.mode, e."timestamp", e.data""",
+        worker_id,
+        lease,
+        limit,
+    )
+    return [
+        ClaimedDelivery(
+            id=r["id"],
+            webhook_id=r["webhook_id"],
+            attempts=r["attempts"],
+            event=Event(
+                id=r["event_id"],
+                type=r["type"],
+                account_id=r["account_id"],
+                mode=r["mode"],
+                timestamp=r["timestamp"],
+                data=bytes(r["data"]),
+            ),
+        )
+        for r in rows
+    ]
+
+
+async def end_deliveries(conn: Conn, delivery_ids: Sequence[str], *, error: str) -> None:
+    """End pending deliveries as `failed` without an attempt (their webhook is gone)."""
+    if not delivery_ids:
+        return
+    await conn.execute(
+        """UPDATE deliveries SET status = 'failed', error = $2, next_attempt_at = NULL,
+                                 claimed_by = NULL
+           WHERE id = ANY($1::text[]) AND status = 'pending'""",
+        list(delivery_ids),
+        error,
+    )
+
+
+async def heartbeat(conn: Conn, worker_id: str, hostname: str) -> None:
+    """Create or refresh this worker's row; its claims count while this stays fresh."""
+    await conn.execute(
+        """INSERT INTO workers (id, hostname) VALUES ($1, $2)
+           ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()""",
+        worker_id,
+        hostname,
+    )
+
+
+async def release_worker(conn: Conn, worker_id: str) -> int:
+    """Release every pending delivery `worker_id` holds and delete its row, in one statement.
+
+    Others may then claim the deliveries at once instead of waiting out the lease.
+    """
+    released: int = await conn.fetchval(
+        """WITH released AS (
+               UPDATE deliveries SET claimed_by = NULL
+               WHERE claimed_by = $1 AND status = 'pending' RETURNING 1),
+           gone AS (DELETE FROM workers WHERE id = $1)
+           SELECT count(*) FROM released""",
+        worker_id,
+    )
+    return released
+
+
+async def release_deliveries(conn: Conn, delivery_ids: Sequence[str]) -> None:
+    """Give up this worker's hold on some deliveries, so any worker may claim them when due."""
+    await conn.execute(
+        "UPDATE deliveries SET claimed_by = NULL WHERE id = ANY($1::text[])", list(delivery_ids)
+    )
+
+
+async def queue_depth(conn: Conn) -> QueueDepth:
+    """How many pending deliveries are due now, and how many wait for a later retry."""
+    row = await conn.fetchrow(
+        """SELECT count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
+                  count(*) FILTER (WHERE next_attempt_at > now()) AS waiting
+           FROM deliveries WHERE status = 'pending'"""
+    )
+    assert row is not None  # noqa: S101 - an aggregate always returns a row
+    return QueueDepth(due=row["due"], waiting=row["waiting"])

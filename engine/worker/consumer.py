@@ -1,0 +1,297 @@
+"""Consuming: events from RabbitMQ → validated, matched, recorded, acknowledged, dispatched.
+
+Messages are taken in batches: whatever arrived while the previous batch was being written
+forms the next one, so an idle worker handles each message at once and a busy one writes
+hundreds per transaction. For each batch, in order:
+
+1. parse and validate every message (`engine.core.events.parse_event`);
+2. republish the invalid ones to the dead-letter exchange with `x-cargolint-reason` (publisher
+   confirms, so they are safely there before they are acked);
+3. match the valid ones against the subscription cache and insert their events and deliveries
+   in one transaction, claimed by this worker (retried while Postgres is down);
+4. acknowledge the batch — one multiple-ack per channel — now that what it caused is durable;
+5. hand the deliveries that are new to the dispatcher.
+
+A message is acked only after step 3 commits. If the broker connection drops first, the
+messages come back and their deliveries are found already there (their ids are derived from
+the event and the webhook), so nothing is made twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import asyncpg
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelInvalidStateError
+
+from engine.core.events import Event, InvalidEventError, parse_event
+from engine.core.ids import delivery_id
+from engine.settings import Settings
+from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
+from engine.worker.cache import SubscriptionCache
+from engine.worker.dispatcher import Dispatcher
+from engine.worker.job import Job
+from engine.worker.metrics import Metrics
+from engine.worker.retrying import retry_transient
+
+__all__ = [
+    "DEAD_EXCHANGE",
+    "DEAD_QUEUE",
+    "EXCHANGE",
+    "QUEUE",
+    "REASON_HEADER",
+    "Consumer",
+    "declare_topology",
+]
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "cargolint.events"
+QUEUE = "cargolint.webhooks.events"
+DEAD_EXCHANGE = "cargolint.events.dlx"
+DEAD_QUEUE = "cargolint.webhooks.dead"
+REASON_HEADER = "x-cargolint-reason"
+BATCH_MAX = 500
+
+# The broker went away under us: the batch's messages will be redelivered.
+_BROKER_LOST = (
+    ChannelInvalidStateError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
+
+
+async def declare_topology(channel: AbstractChannel) -> tuple[AbstractQueue, AbstractExchange]:
+    """Declare exchanges and queues idempotently; return the events queue and the DLX.
+
+    Both queues carry no arguments, so a publisher that declares them plainly never conflicts.
+    """
+    events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(QUEUE, durable=True)
+    await queue.bind(events, routing_key="#")
+    dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead_queue = await channel.declare_queue(DEAD_QUEUE, durable=True)
+    await dead_queue.bind(dead, routing_key="#")
+    return queue, dead
+
+
+class Consumer:
+    """Consumes the events queue over a robust connection. `start()`, `stop()`, `close()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool[Any],
+        cache: SubscriptionCache,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        worker_id: str,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._cache = cache
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._connection: AbstractRobustConnection | None = None
+        self._queue: AbstractQueue | None = None
+        self._dead: AbstractExchange | None = None
+        self._consumer_tag: str | None = None
+        self._buffer: list[AbstractIncomingMessage] = []
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def connected(self) -> bool:
+        c = self._connection
+        return c is not None and not c.is_closed and c.connected.is_set()
+
+    async def start(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._settings.amqp_url,
+            client_properties={"connection_name": f"cargolint-webhooks {self._worker_id}"},
+        )
+        self._connection = connection
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        connection.close_callbacks.add(self._on_close)
+        # Dead letters are published on their own confirming channel, so waiting for a
+        # confirm never stalls deliveries arriving on the consuming one.
+        publish_channel = await connection.channel(publisher_confirms=True)
+        _, self._dead = await declare_topology(publish_channel)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self._settings.prefetch)
+        self._queue = await channel.get_queue(QUEUE)
+        self._task = asyncio.create_task(self._run(), name="consumer")
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._metrics.consumer_up.set(1)
+        log.info("consuming", extra={"queue": QUEUE, "prefetch": self._settings.prefetch})
+
+    def _on_reconnect(self, *_: Any) -> None:
+        self._metrics.consumer_up.set(1)
+        log.info("reconnected to RabbitMQ")
+
+    def _on_close(self, *_: Any) -> None:
+        self._metrics.consumer_up.set(0)
+        if not self._stopping:
+            log.warning("connection to RabbitMQ lost; reconnecting")
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.append(message)
+        self._arrived.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await self._arrived.wait()
+            batch = self._buffer[:BATCH_MAX]
+            del self._buffer[:BATCH_MAX]
+            if not self._buffer:
+                self._arrived.clear()
+            if batch:
+                try:
+                    await self._process(batch, loop.time())
+                except _BROKER_LOST as exc:
+                    log.warning(
+                        "broker connection lost mid-batch; its messages will be redelivered",
+                        extra={"messages": len(batch), "error": repr(exc)},
+                    )
+                except Exception:  # a bug in one batch must not stop consuming
+                    log.exception("batch failed; returning its messages to the queue")
+                    await asyncio.sleep(1.0)  # no hot loop if it fails again
+                    await _nack(batch)
+
+    async def _process(self, batch: Sequence[AbstractIncomingMessage], now: float) -> None:
+        events: list[Event] = []
+        invalid: list[tuple[AbstractIncomingMessage, InvalidEventError]] = []
+        for message in batch:
+            try:
+                events.append(parse_event(message.body))
+            except InvalidEventError as exc:
+                invalid.append((message, exc))
+        if invalid:
+            await asyncio.gather(*(self._dead_letter(m, e) for m, e in invalid))
+
+        deliveries: dict[str, NewDelivery] = {}
+        matched: dict[tuple[str, str], Event] = {}
+        for event in events:
+            for target in self._cache.match(event.account_id, event.mode, event.type):
+                dlv = delivery_id(target.id, event.account_id, event.id)
+                deliveries.setdefault(dlv, NewDelivery(dlv, target.id, event))
+                matched.setdefault((event.account_id, event.id), event)
+        # With no room in memory the deliveries stay unclaimed: the poller takes them later.
+        hold = self._dispatcher.room() >= len(deliveries)
+        new_ids: set[str] = set()
+        if deliveries:
+            new_ids = await retry_transient(
+                lambda: self._insert(list(matched.values()), list(deliveries.values()), hold),
+                what="record new deliveries",
+            )
+
+        await _ack(batch)
+        self._metrics.events_consumed.labels("accepted").inc(len(events))
+        if invalid:
+            self._metrics.events_consumed.labels("dead_lettered").inc(len(invalid))
+        for dlv in new_ids:
+            self._metrics.deliveries_created.labels(deliveries[dlv].event.type).inc()
+        if hold and new_ids:
+            self._dispatcher.submit(
+                Job(d.id, d.webhook_id, d.event, 1, now)
+                for d in deliveries.values()
+                if d.id in new_ids
+            )
+
+    async def _insert(
+        self, events: list[Event], deliveries: list[NewDelivery], hold: bool
+    ) -> set[str]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await insert_events_and_deliveries(
+                conn, events, deliveries, claimed_by=self._worker_id if hold else None
+            )
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, error: InvalidEventError
+    ) -> None:
+        assert self._dead is not None  # noqa: S101 - set by start()
+        reason = f"{error.reason}: {error.detail}"[:1000]
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason
+        # The original body and properties, made persistent. Not user_id (the broker checks it
+        # against our login) nor expiration (a dead letter must not vanish).
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        await self._dead.publish(copy, routing_key=message.routing_key or "")
+        self._metrics.events_dead_lettered.labels(error.reason).inc()
+        log.warning(
+            "message dead-lettered",
+            extra={"reason": reason, "routing_key": message.routing_key},
+        )
+
+    async def stop(self) -> None:
+        """Stop taking messages and finish the batch under way; the rest are redelivered."""
+        self._stopping = True
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(*_BROKER_LOST):
+                await self._queue.cancel(self._consumer_tag)
+        if self._task is not None:
+            self._arrived.set()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        self._metrics.consumer_up.set(0)
+
+
+async def _ack(batch: Sequence[AbstractIncomingMessage]) -> None:
+    """Ack a batch with one multiple-ack per channel (batches are handled in delivery order)."""
+    last: dict[int, AbstractIncomingMessage] = {}
+    for message in batch:
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            continue  # its channel is gone; the broker will redeliver it
+        last[id(channel)] = message
+    for message in last.values():
+        try:
+            await message.ack(multiple=True)
+        except _BROKER_LOST:
+            continue
+
+
+async def _nack(batch: Sequence[AbstractIncomingMessage]) -> None:
+    for message in batch:
+        try:
+            await message.nack(requeue=True)
+        except _BROKER_LOST:
+            continue

@@ -1,0 +1,240 @@
+"""Dispatching: per-endpoint queues with a rate and a concurrency cap, and a global bound.
+
+Every endpoint (scheme + host + port) has its own in-memory queue, token bucket and
+concurrency count, and a pump task that runs only while the queue has work. A job leaves its
+queue only when its endpoint has a token and a free slot and a global in-flight slot is free,
+so an endpoint that hangs or fails holds at most `endpoint_concurrency` slots; the rest of its
+backlog waits in its own queue (acked already, durable in Postgres) and delays nobody else.
+
+Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL
+and secret, and a deleted or deactivated webhook ends the delivery `failed` with no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+from engine.core.payload import build_body
+from engine.core.ratelimit import TokenBucket
+from engine.core.signing import request_headers
+from engine.delivery import Sender
+from engine.settings import Settings
+from engine.store.webhooks import WebhookTarget
+from engine.worker.cache import SubscriptionCache
+from engine.worker.job import Job
+from engine.worker.metrics import Metrics
+from engine.worker.recorder import Recorder
+
+__all__ = ["Dispatcher", "endpoint_key"]
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+# Idle endpoints are forgotten after this long, once their bucket would be full again anyway.
+_SWEEP_INTERVAL = 30.0
+
+
+def endpoint_key(url: str) -> str:
+    """`https://host:port`: deliveries sharing it share the endpoint's limits."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+class _Endpoint:
+    __slots__ = ("active", "bucket", "key", "last_used", "pump", "queue", "slot_freed")
+
+    def __init__(self, key: str, bucket: TokenBucket, now: float) -> None:
+        self.key = key
+        self.queue: deque[Job] = deque()
+        self.active = 0
+        self.bucket = bucket
+        self.slot_freed = asyncio.Event()
+        self.pump: asyncio.Task[None] | None = None
+        self.last_used = now
+
+
+class Dispatcher:
+    """Queues jobs per endpoint and makes their attempts within the limits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cache: SubscriptionCache,
+        sender: Sender,
+        recorder: Recorder,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._cache = cache
+        self._sender = sender
+        self._recorder = recorder
+        self._metrics = metrics
+        self._clock = clock
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._global = asyncio.Semaphore(settings.max_in_flight)
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._queued = 0
+        self._stopping = False
+        self._keys: dict[str, str] = {}  # url → endpoint key, so hot paths skip urlsplit
+        self._sweeper: asyncio.Task[None] | None = None
+        # Bound on jobs held in memory; beyond it new work stays in Postgres for the poller.
+        self.capacity = max(10_000, 20 * settings.max_in_flight)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._attempts)
+
+    def room(self) -> int:
+        """How many more jobs may be held in memory now."""
+        return max(0, self.capacity - self._queued - len(self._attempts))
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="dispatcher-sweep")
+
+    def submit(self, jobs: Iterable[Job]) -> None:
+        """Queue jobs on their endpoints; a job whose webhook is gone ends at once."""
+        for job in jobs:
+            target = self._cache.get(job.webhook_id)
+            if target is None:
+                self._recorder.gone(job)
+                continue
+            self._enqueue(self._key(target.url), job)
+        self._metrics.queued.set(self._queued)
+
+    def _key(self, url: str) -> str:
+        key = self._keys.get(url)
+        if key is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            key = self._keys[url] = endpoint_key(url)
+        return key
+
+    def _enqueue(self, key: str, job: Job) -> None:
+        endpoint = self._endpoints.get(key)
+        now = self._clock()
+        if endpoint is None:
+            rate = self._settings.endpoint_rate
+            bucket = TokenBucket(rate, max(1.0, rate), now)
+            endpoint = self._endpoints[key] = _Endpoint(key, bucket, now)
+        endpoint.queue.append(job)
+        endpoint.last_used = now
+        self._queued += 1
+        if endpoint.pump is None and not self._stopping:
+            endpoint.pump = asyncio.create_task(self._pump(endpoint), name=f"pump {key}")
+
+    async def _pump(self, ep: _Endpoint) -> None:
+        """Start the endpoint's queued attempts as its limits and the global bound allow."""
+        waits = self._metrics.rate_limit_waits
+        try:
+            while ep.queue and not self._stopping:
+                job = ep.queue[0]
+                target = self._cache.get(job.webhook_id)
+                if target is None or self._key(target.url) != ep.key:
+                    ep.queue.popleft()
+                    self._queued -= 1
+                    if target is None:
+                        self._recorder.gone(job)
+                    else:  # the webhook's URL changed: it belongs to another endpoint now
+                        self._enqueue(self._key(target.url), job)
+                    continue
+                if ep.active >= self._settings.endpoint_concurrency:
+                    waits.labels("concurrency").inc()
+                    ep.slot_freed.clear()
+                    await ep.slot_freed.wait()
+                    continue
+                wait = ep.bucket.try_take(self._clock())
+                if wait > 0:
+                    waits.labels("rate").inc()
+                    await asyncio.sleep(wait)
+                    continue
+                if self._global.locked():
+                    waits.labels("global").inc()
+                await self._global.acquire()
+                if self._stopping:
+                    self._global.release()
+                    break
+                # The webhook may have changed while we waited: `_attempt` looks it up again.
+                ep.queue.popleft()
+                self._queued -= 1
+                ep.active += 1
+                ep.last_used = self._clock()
+                task = asyncio.create_task(self._attempt(ep, job))
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
+                self._metrics.in_flight.set(len(self._attempts))
+                self._metrics.queued.set(self._queued)
+        finally:
+            ep.pump = None
+
+    async def _attempt(self, ep: _Endpoint, job: Job) -> None:
+        try:
+            target = self._cache.get(job.webhook_id)
+            if target is None:
+                self._recorder.gone(job)
+                return
+            if job.received_at is not None and job.attempt == 1:
+                self._metrics.event_lag.observe(asyncio.get_running_loop().time() - job.received_at)
+            attempted_at = datetime.now(UTC)
+            outcome = await self._sender.send(target.url, *_request(job, target))
+            self._recorder.attempted(job, outcome, attempted_at)
+        finally:
+            ep.active -= 1
+            ep.slot_freed.set()
+            self._global.release()
+            self._metrics.in_flight.set(len(self._attempts) - 1)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = self._clock()
+            idle_for = max(_SWEEP_INTERVAL, 1.0 / self._settings.endpoint_rate)
+            for key, ep in list(self._endpoints.items()):
+                if not ep.queue and not ep.active and now - ep.last_used > idle_for:
+                    del self._endpoints[key]
+
+    async def drain(self, grace: float) -> int:
+        """Start no more attempts; wait up to `grace` seconds for those under way, cancel the
+        rest. Returns how many were cancelled; their deliveries stay pending in Postgres."""
+        self._stopping = True
+        pumps = [ep.pump for ep in self._endpoints.values() if ep.pump is not None]
+        for pump in pumps:
+            pump.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.gather(*pumps, *(t for t in [self._sweeper] if t), return_exceptions=True)
+        cancelled = 0
+        if self._attempts:
+            _, late = await asyncio.wait(set(self._attempts), timeout=grace)
+            for task in late:
+                task.cancel()
+            cancelled = len(late)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*late, return_exceptions=True)
+        return cancelled
+
+
+def _request(job: Job, target: WebhookTarget) -> tuple[bytes, dict[str, str]]:
+    event = job.event
+    body = build_body(
+        event_type=event.type,
+        timestamp=event.timestamp,
+        webhook_id=target.id,
+        delivery_id=job.delivery_id,
+        data=event.data,
+    )
+    headers = request_headers(
+        secret=target.secret, body=body, event_type=event.type, delivery_id=job.delivery_id
+    )
+    return body, headers

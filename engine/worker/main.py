@@ -1,0 +1,153 @@
+"""The delivery engine, put together: `cargolint-webhooks worker`.
+
+consume (consumer) → match (cache) → record (store) → dispatch (dispatcher → delivery.Sender)
+→ record the attempt (recorder) → retry when due (poller).
+
+`Worker` composes the parts around an injected pool and sender, so tests run one in-process;
+`run` adds the pool, the HTTP session, the health server and signal handling for the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import asyncpg
+
+from engine.core.events import warm_validators
+from engine.core.ids import new_id
+from engine.delivery import Sender
+from engine.settings import Settings
+from engine.store.db import create_pool
+from engine.store.queue import release_worker
+from engine.worker.cache import SubscriptionCache
+from engine.worker.consumer import Consumer
+from engine.worker.dispatcher import Dispatcher
+from engine.worker.health import HealthServer
+from engine.worker.metrics import Metrics
+from engine.worker.poller import Poller
+from engine.worker.recorder import Recorder
+from engine.worker.retrying import TRANSIENT, retry_transient
+
+__all__ = ["Worker", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """One delivery engine process's worth of parts, on a pool and sender the caller owns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool[Any],
+        sender: Sender,
+        metrics: Metrics | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.id = worker_id or new_id("wrk", 16)
+        self.pool = pool
+        self.metrics = metrics or Metrics()
+        self.cache = SubscriptionCache(settings, pool, self.metrics)
+        self.recorder = Recorder(settings, pool, self.metrics)
+        self.dispatcher = Dispatcher(
+            settings, cache=self.cache, sender=sender, recorder=self.recorder, metrics=self.metrics
+        )
+        self.poller = Poller(
+            settings,
+            pool=pool,
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            worker_id=self.id,
+        )
+        self.consumer = Consumer(
+            settings,
+            pool=pool,
+            cache=self.cache,
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            worker_id=self.id,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        """Cache first, then register, then start taking work from Postgres and RabbitMQ."""
+        warm_validators()
+        await self.cache.start()
+        self.recorder.start()
+        self.dispatcher.start()
+        self._started = True
+        await self.poller.start()
+        await self.consumer.start()
+        log.info("worker started", extra={"worker_id": self.id})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop consuming, let attempts under way finish for up to `grace` seconds, cancel the
+        rest, write what is recorded and release this worker's claims for others to take."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        await self.consumer.close()
+        if not self._started:
+            await self.cache.close()
+            return
+        await self.poller.stop()
+        cancelled = await self.dispatcher.drain(grace)
+        # The last writes must happen even if whoever awaits stop() is cancelled meanwhile.
+        await asyncio.shield(self._final_writes(cancelled))
+        await self.cache.close()
+
+    async def _final_writes(self, cancelled: int) -> None:
+        await self.recorder.close()
+        try:
+            released = await retry_transient(
+                lambda: release_worker(self.pool, self.id),
+                what="release claims",
+                give_up_after=5.0,
+            )
+        except TRANSIENT as exc:
+            # The lease runs out instead, and other workers take the claims then.
+            log.warning("could not release claims at shutdown", extra={"error": str(exc)})
+            released = -1
+        log.info(
+            "worker stopped",
+            extra={"worker_id": self.id, "cancelled": cancelled, "released": released},
+        )
+
+
+async def run(settings: Settings) -> int:
+    """Run the delivery engine until SIGTERM or SIGINT; exit 0 after a graceful stop."""
+    if not settings.secret_keys:
+        log.warning("CARGOLINT_SECRET_KEY is not set: signing secrets are stored unencrypted")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pool = await create_pool(settings.database_url, min_size=2, max_size=10)
+    try:
+        async with Sender(settings) as sender:
+            worker = Worker(settings, pool=pool, sender=sender)
+            health = HealthServer(
+                worker.metrics,
+                pool=pool,
+                broker_connected=lambda: worker.consumer.connected,
+                cache_loaded=lambda: worker.cache.loaded,
+                port=settings.metrics_port,
+            )
+            await health.start()
+            try:
+                await worker.start()
+                await stop.wait()
+                log.info("shutting down", extra={"grace_s": settings.shutdown_grace})
+            finally:
+                await worker.stop()
+                await health.close()
+    finally:
+        with contextlib.suppress(*TRANSIENT):
+            await pool.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0

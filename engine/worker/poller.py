@@ -1,0 +1,108 @@
+"""Polling: due retries (and deliveries whose worker died) from Postgres, and the heartbeat.
+
+Retries are rows, not timers: a failed attempt stores `next_attempt_at` and releases its claim.
+Every `poll_interval` this claims due pending rows that no live worker holds — with
+`FOR UPDATE SKIP LOCKED`, so workers never wait on or take each other's rows — and hands them to
+the dispatcher, as many as it has room for. The heartbeat keeps this worker's claims valid;
+when a worker stops beating for `worker_lease`, the others take its claimed rows over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import asyncpg
+
+from engine.settings import Settings
+from engine.store.queue import claim_due, heartbeat, queue_depth
+from engine.worker.dispatcher import Dispatcher
+from engine.worker.job import Job
+from engine.worker.metrics import Metrics
+from engine.worker.retrying import TRANSIENT, retry_transient
+
+__all__ = ["Poller"]
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 500
+
+
+class Poller:
+    """Claims due deliveries and keeps this worker's heartbeat. `start()` / `stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool[Any],
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        worker_id: str,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._hostname = socket.gethostname()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def beat_interval(self) -> float:
+        return min(self._settings.worker_lease / 3, 5.0)
+
+    async def start(self) -> None:
+        """Register this worker (before it claims anything), then poll and beat."""
+        await retry_transient(self._beat, what="register worker", give_up_after=30.0)
+        self._tasks = [
+            asyncio.create_task(self._poll_forever(), name="poller"),
+            asyncio.create_task(self._beat_forever(), name="heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _beat(self) -> None:
+        await heartbeat(self._pool, self._worker_id, self._hostname)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.beat_interval)
+            try:
+                await self._beat()
+                depth = await queue_depth(self._pool)
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
+                continue
+            self._metrics.retries_due.set(depth.due)
+            self._metrics.retries_pending.set(depth.waiting)
+
+    async def poll_once(self) -> int:
+        """Claim what is due (up to the dispatcher's room) and dispatch it; return the count."""
+        limit = min(CLAIM_BATCH, self._dispatcher.room())
+        claimed = await claim_due(
+            self._pool, self._worker_id, lease=self._settings.worker_lease, limit=limit
+        )
+        if claimed:
+            self._dispatcher.submit(
+                Job(c.id, c.webhook_id, c.event, c.attempts + 1) for c in claimed
+            )
+            log.debug("claimed due deliveries", extra={"count": len(claimed)})
+        return len(claimed)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                claimed = await self.poll_once()
+            except TRANSIENT as exc:
+                log.warning("claiming due deliveries failed", extra={"error": str(exc)})
+                claimed = 0
+            # A full batch means more may be due: claim again at once.
+            if claimed < CLAIM_BATCH:
+                await asyncio.sleep(self._settings.poll_interval)

@@ -1,0 +1,155 @@
+"""Recording attempts: batched writes of what each attempt came to and what happens next.
+
+Attempts are queued in memory and written in batches, one transaction per batch: whatever
+arrived while the previous batch was being written goes in the next one, so batches grow with
+load and an idle worker writes each attempt at once. A failed attempt with attempts left gets
+`next_attempt_at` from the retry schedule (Retry-After honoured) and loses its claim, so any
+worker's poller may take it when due; after the last attempt the delivery is `failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from engine.core.backoff import next_delay
+from engine.delivery import Outcome
+from engine.settings import Settings
+from engine.store.deliveries import AttemptRecord, record_attempts
+from engine.store.queue import end_deliveries, release_deliveries
+from engine.worker.job import Job
+from engine.worker.metrics import Metrics
+from engine.worker.retrying import retry_transient
+
+__all__ = ["GONE", "Recorder"]
+
+log = logging.getLogger(__name__)
+
+GONE = "webhook deleted or inactive"
+
+
+def _clean(text: str | None) -> str | None:
+    # Postgres text cannot hold NUL, and a receiver may well send one.
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
+class Recorder:
+    """Turns outcomes into durable delivery state. Use `start()` / `close()`."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool[Any], metrics: Metrics) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._metrics = metrics
+        self._records: list[AttemptRecord] = []
+        self._gone: list[str] = []
+        self._pending = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="recorder")
+
+    def attempted(self, job: Job, outcome: Outcome, attempted_at: datetime) -> None:
+        """Queue the record of one finished attempt."""
+        event_type = job.event.type
+        self._metrics.attempts.labels(event_type, outcome.error_class or "success").inc()
+        self._metrics.attempt_duration.observe(outcome.elapsed_ms / 1000)
+        ids = {"delivery_id": job.delivery_id, "webhook_id": job.webhook_id}
+        ids["event_id"] = job.event.id
+        next_at: datetime | None = None
+        if outcome.succeeded:
+            status = "succeeded"
+            self._metrics.deliveries.labels(event_type, "succeeded").inc()
+            log.debug("delivered", extra={**ids, "attempt": job.attempt})
+        else:
+            delay = next_delay(
+                job.attempt, self._settings.retry_schedule, retry_after=outcome.retry_after
+            )
+            extra = {**ids, "attempt": job.attempt, "error": outcome.error}
+            if delay is None:
+                status = "failed"
+                self._metrics.deliveries.labels(event_type, "failed").inc()
+                log.warning("delivery failed after its last attempt", extra=extra)
+            else:
+                status = "pending"
+                next_at = attempted_at + timedelta(seconds=delay)
+                self._metrics.retries_scheduled.labels(event_type).inc()
+                log.info("attempt failed; retry scheduled", extra={**extra, "retry_in_s": delay})
+        self._records.append(
+            AttemptRecord(
+                delivery_id=job.delivery_id,
+                number=job.attempt,
+                attempted_at=attempted_at,
+                response_status=outcome.status,
+                response_time_ms=outcome.elapsed_ms,
+                error_class=outcome.error_class,
+                error=_clean(outcome.error),
+                response_body=_clean(outcome.body),
+                status=status,
+                next_attempt_at=next_at,
+            )
+        )
+        self._wake()
+
+    def gone(self, job: Job) -> None:
+        """End a delivery whose webhook is deleted or inactive, without an attempt."""
+        self._metrics.deliveries.labels(job.event.type, "failed").inc()
+        log.info(
+            "delivery ended: webhook deleted or inactive",
+            extra={"delivery_id": job.delivery_id, "webhook_id": job.webhook_id},
+        )
+        self._gone.append(job.delivery_id)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._idle.clear()
+        self._pending.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            records, self._records = self._records, []
+            gone, self._gone = self._gone, []
+            if records or gone:
+                await self._write(records, gone)
+            if not self._records and not self._gone:
+                self._idle.set()
+
+    async def _write(self, records: list[AttemptRecord], gone: list[str]) -> None:
+        async def write() -> None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await record_attempts(conn, records)
+                await end_deliveries(conn, gone, error=GONE)
+
+        try:
+            await retry_transient(write, what="record attempts")
+        except (asyncpg.PostgresError, ValueError):
+            # Not an outage but a row Postgres refuses: free the claims so the deliveries are
+            # attempted again rather than held by this worker until it restarts.
+            log.exception("cannot record attempts; releasing their deliveries")
+            ids = [r.delivery_id for r in records] + gone
+            await retry_transient(
+                lambda: release_deliveries(self._pool, ids), what="release deliveries"
+            )
+
+    async def close(self, wait_for_db: float = 10.0) -> None:
+        """Write everything queued (waiting up to `wait_for_db` seconds), then stop."""
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(wait_for_db):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "attempt records not written before shutdown",
+                extra={"records": len(self._records) + len(self._gone)},
+            )
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
