@@ -1,0 +1,101 @@
+"""Accounts and webhooks written straight into Postgres with COPY, and delivery counts read back.
+
+The API is not what the benchmark measures, so scenarios insert their subscriptions directly
+(the `accounts` and `webhooks` tables of 0001_initial.sql, secrets stored as `plain:<secret>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from bench.payload import EVENT_TYPE, SECRET
+
+__all__ = ["Counts", "Webhook", "counts", "insert_webhooks", "settle", "wait_settled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    id: str
+    account_id: str
+    url: str
+
+
+def webhook_id(prefix: str, n: int) -> str:
+    """`wh_` + [a-z0-9]: the prefix (letters) names the scenario, the number makes it unique."""
+    return f"wh_{prefix}{n:012d}"
+
+
+async def insert_webhooks(pool: asyncpg.Pool[Any], webhooks: Sequence[Webhook]) -> None:
+    """COPY the webhooks and their (business plan, live mode) accounts in."""
+    accounts = sorted({w.account_id for w in webhooks})
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.copy_records_to_table(
+            "accounts",
+            records=[(a, f"bench {a}", "business") for a in accounts],
+            columns=["id", "name", "plan"],
+        )
+        await conn.copy_records_to_table(
+            "webhooks",
+            records=[
+                (w.id, w.account_id, "live", w.url, [EVENT_TYPE], True, f"plain:{SECRET}")
+                for w in webhooks
+            ],
+            columns=["id", "account_id", "mode", "url", "events", "active", "secret"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+
+
+async def counts(pool: asyncpg.Pool[Any], webhook_ids: Sequence[str]) -> Counts:
+    """Delivery records of these webhooks by status (served by deliveries_by_webhook)."""
+    row = await pool.fetchrow(
+        """SELECT count(*) AS total,
+                  count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                  count(*) FILTER (WHERE status = 'failed') AS failed,
+                  count(*) FILTER (WHERE status = 'pending') AS pending
+           FROM deliveries WHERE webhook_id = ANY($1::text[])""",
+        list(webhook_ids),
+    )
+    assert row is not None
+    return Counts(row["total"], row["succeeded"], row["failed"], row["pending"])
+
+
+async def wait_settled(
+    pool: asyncpg.Pool[Any],
+    webhook_ids: Sequence[str],
+    expected: int,
+    within: float,
+    interval: float = 0.05,
+) -> tuple[Counts, float]:
+    """Poll until `expected` records of these webhooks are succeeded, or `within` seconds pass.
+
+    Returns the last counts and the wall-clock time (time.time()) they were read.
+    """
+    deadline = time.monotonic() + within
+    seen = await counts(pool, webhook_ids)
+    while seen.succeeded < expected and time.monotonic() < deadline:
+        await asyncio.sleep(interval)
+        seen = await counts(pool, webhook_ids)
+    return seen, time.time()
+
+
+async def settle(pool: asyncpg.Pool[Any]) -> int:
+    """End every pending delivery as failed, so the next scenario's worker has no retries to do."""
+    result = await pool.execute(
+        """UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, claimed_by = NULL,
+                  error = coalesce(error, 'ended by the benchmark between scenarios')
+           WHERE status = 'pending'"""
+    )
+    return int(result.split()[-1])

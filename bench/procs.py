@@ -1,0 +1,252 @@
+"""The processes the benchmark drives: the receiver, the engine's worker, the limit client.
+
+Each is started with bounded waits and always stopped: SIGTERM first, SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import orjson
+
+__all__ = [
+    "LimitClient",
+    "ReceiverProcess",
+    "WorkerProcess",
+    "free_port",
+    "parse_metrics",
+    "receiver_process",
+    "worker_process",
+]
+
+READY_TIMEOUT = 60.0
+STOP_GRACE = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _stop(process: asyncio.subprocess.Process, grace: float = STOP_GRACE) -> int | None:
+    """SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit code (None if unknown)."""
+    if process.returncode is not None:
+        return process.returncode
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(process.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        return await process.wait()
+
+
+class ReceiverProcess:
+    """The `bench.receiver` subprocess and its line-based control channel."""
+
+    def __init__(self, process: asyncio.subprocess.Process, ports: dict[str, list[int]]) -> None:
+        self.process = process
+        self.ports = ports
+        self._lock = asyncio.Lock()
+
+    def url(self, kind: str, index: int = 0) -> str:
+        return f"https://127.0.0.1:{self.ports[kind][index]}/hook"
+
+    async def call(self, cmd: str) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        async with self._lock:
+            self.process.stdin.write(orjson.dumps({"cmd": cmd}) + b"\n")
+            await self.process.stdin.drain()
+            line = await asyncio.wait_for(self.process.stdout.readline(), 30)
+        if not line:
+            raise RuntimeError("the receiver process exited")
+        answer: dict[str, Any] = orjson.loads(line)
+        return answer
+
+    async def reset(self) -> None:
+        await self.call("reset")
+
+    async def count(self) -> dict[str, Any]:
+        return await self.call("count")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call("stats")
+
+    async def wait_ok(self, expected: int, within: float) -> dict[str, Any]:
+        """Poll until `expected` distinct deliveries reached ok endpoints, or `within` s pass."""
+        deadline = time.monotonic() + within
+        counted = await self.count()
+        while counted["okUnique"] < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            counted = await self.count()
+        return counted
+
+
+@contextlib.asynccontextmanager
+async def receiver_process(
+    cert: Path, key: Path, secret: str, *, ok: int, fail: int, hang: int
+) -> AsyncIterator[ReceiverProcess]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.receiver",
+        f"--cert={cert}",
+        f"--key={key}",
+        f"--secret={secret}",
+        f"--ok={ok}",
+        f"--fail={fail}",
+        f"--hang={hang}",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT)
+        if not line:
+            raise RuntimeError("the receiver process exited before listening")
+        yield ReceiverProcess(process, orjson.loads(line)["ports"])
+    finally:
+        if process.returncode is None and process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.write(b'{"cmd": "quit"}\n')
+                process.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 3)
+        await _stop(process)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition → {'name{labels}': value}; comments skipped."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            values[name] = float(value)
+    return values
+
+
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+class WorkerProcess:
+    """A running `python -m engine worker` and what can be read about it from outside."""
+
+    def __init__(self, process: asyncio.subprocess.Process, metrics_port: int, log: Path) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.metrics_port = metrics_port
+        self.log = log
+
+    async def get(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(url) as response,
+        ):
+            return response.status, await response.text()
+
+    async def wait_ready(self, within: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                raise RuntimeError(
+                    f"the worker exited with {self.process.returncode} before it was ready; "
+                    f"see {self.log}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                status, _ = await self.get("/readyz")
+                if status == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"the worker was not ready within {within:g}s; see {self.log}")
+
+    async def metrics(self) -> dict[str, float]:
+        _, text = await self.get("/metrics")
+        return parse_metrics(text)
+
+    def rss_mb(self) -> float:
+        """Resident set size from /proc/<pid>/status (VmRSS), in MiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS line")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far, from /proc/<pid>/stat."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+
+    async def stop(self) -> int | None:
+        return await _stop(self.process)
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    env: dict[str, str], log: Path, *, ready: bool = True
+) -> AsyncIterator[WorkerProcess]:
+    """Start `python -m engine worker` with `env` added to ours; stop it at the end."""
+    metrics_port = free_port()
+    full_env = {**os.environ, **env, "CARGOLINT_METRICS_PORT": str(metrics_port)}
+    handle: IO[bytes] = log.open("ab")
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "engine",
+            "worker",
+            env=full_env,
+            stdout=handle,
+            stderr=handle,
+        )
+        worker = WorkerProcess(process, metrics_port, log)
+        try:
+            if ready:
+                await worker.wait_ready()
+            yield worker
+        finally:
+            await worker.stop()
+    finally:
+        handle.close()
+
+
+class LimitClient:
+    """Runs `python -m bench.limit` once and returns its JSON result."""
+
+    @staticmethod
+    async def run(url: str, ca: Path, concurrency: int, count: int, warmup: int) -> dict[str, Any]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.limit",
+            f"--url={url}",
+            f"--ca={ca}",
+            f"--concurrency={concurrency}",
+            f"--count={count}",
+            f"--warmup={warmup}",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), 600)
+        finally:
+            await _stop(process)
+        if process.returncode != 0:
+            raise RuntimeError(f"the limit client exited with {process.returncode}")
+        result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+        return result

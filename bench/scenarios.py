@@ -1,0 +1,410 @@
+"""The scenarios of issue 6, run in order in one invocation; each adds figures to `Results`.
+
+limit → throughput → fan-out → latency → isolation → scale. Later scenarios use earlier
+figures (latency runs at half of throughput's rate; isolation is judged against both), so a
+failed scenario leaves its figures None and the ones after fall back to modest defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.data import Webhook, counts, insert_webhooks, settle, wait_settled, webhook_id
+from bench.env import Certificates
+from bench.procs import LimitClient, ReceiverProcess, WorkerProcess, worker_process
+from bench.publisher import Publisher
+
+__all__ = ["FULL", "QUICK", "SCENARIOS", "Bench", "Results", "Sizes"]
+
+FAST_LIMITS = {"CARGOLINT_ENDPOINT_RATE": "1000000"}
+FALLBACK_RATE = 100.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    concurrency: int
+    limit_requests: int
+    throughput_events: int
+    fanout_events: int  # each makes 10 deliveries
+    latency_seconds: float
+    isolation_events: int
+    scale_webhooks: int
+    scale_accounts: int
+    inflight_deliveries: int
+    wait: float  # upper bound on any one wait for deliveries
+
+
+QUICK = Sizes(
+    concurrency=64,
+    limit_requests=2000,
+    throughput_events=1500,
+    fanout_events=150,
+    latency_seconds=2.0,
+    isolation_events=1500,
+    scale_webhooks=10_000,
+    scale_accounts=1_000,
+    inflight_deliveries=1_000,
+    wait=40.0,
+)
+FULL = Sizes(
+    concurrency=100,
+    limit_requests=30_000,
+    throughput_events=30_000,
+    fanout_events=3_000,
+    latency_seconds=20.0,
+    isolation_events=30_000,
+    scale_webhooks=100_000,
+    scale_accounts=10_000,
+    inflight_deliveries=10_000,
+    wait=600.0,
+)
+
+
+@dataclass
+class Results:
+    """Figures by JSON key, sanity checks, extra figures and notes."""
+
+    figures: dict[str, float | None] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    sanity: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.sanity.append({"check": name, "pass": bool(ok), "detail": detail})
+
+
+@dataclass
+class Bench:
+    """Everything a scenario needs: sizes, the run's services and where to write logs."""
+
+    sizes: Sizes
+    certs: Certificates
+    database_url: str
+    amqp_url: str
+    pool: asyncpg.Pool[Any]
+    receiver: ReceiverProcess
+    publisher: Publisher
+    workdir: Path
+    log_level: str
+    results: Results = field(default_factory=Results)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The worker's environment: this run's services, our CA, receivers on 127.0.0.1."""
+        c = str(self.sizes.concurrency)
+        env = {
+            "CARGOLINT_DATABASE_URL": self.database_url,
+            "CARGOLINT_AMQP_URL": self.amqp_url,
+            "CARGOLINT_CA_BUNDLE": str(self.certs.ca),
+            "CARGOLINT_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "CARGOLINT_ALLOW_HTTP": "0",
+            "CARGOLINT_SECRET_KEY": "",
+            "CARGOLINT_SHUTDOWN_GRACE": "3",
+            "CARGOLINT_LOG_LEVEL": self.log_level,
+            "CARGOLINT_MAX_IN_FLIGHT": c,
+            "CARGOLINT_ENDPOINT_CONCURRENCY": c,
+        }
+        env.update(overrides)
+        return env
+
+    def worker(self, name: str, **overrides: str) -> Any:
+        return worker_process(self.env(**overrides), self.workdir / f"worker-{name}.log")
+
+    async def after_worker(self) -> None:
+        """Between scenarios: nothing left queued, nothing left to retry."""
+        await self.publisher.purge()
+        await settle(self.pool)
+
+    @property
+    def figures(self) -> dict[str, float | None]:
+        return self.results.figures
+
+
+async def topology(b: Bench) -> None:
+    """Start a worker once so it declares its queues; then events can be published first."""
+    started = time.perf_counter()
+    async with b.worker("topology", **FAST_LIMITS):
+        b.results.extra["worker_start_s"] = round(time.perf_counter() - started, 3)
+
+
+async def limit(b: Bench) -> None:
+    await b.receiver.reset()
+    result = await LimitClient.run(
+        b.receiver.url("ok"),
+        b.certs.ca,
+        b.sizes.concurrency,
+        b.sizes.limit_requests,
+        warmup=min(500, b.sizes.limit_requests // 4),
+    )
+    counted = await b.receiver.count()
+    b.figures["limit_rps"] = result["rps"]
+    b.results.check("limit: no errors", result["errors"] == 0, f"{result['errors']} errors")
+    b.results.check(
+        "limit: receiver verified every signature",
+        counted["badSignatures"] == 0,
+        f"{counted['badSignatures']} bad",
+    )
+
+
+async def _drain(
+    b: Bench, name: str, hooks: list[Webhook], expected: int, worker: WorkerProcess
+) -> float | None:
+    """Wait until `expected` deliveries of `hooks` arrived and are recorded succeeded.
+
+    Returns deliveries/s from the first arrival to the moment every record read succeeded.
+    """
+    counted = await b.receiver.wait_ok(expected, b.sizes.wait)
+    settled, done_at = await wait_settled(
+        b.pool, [h.id for h in hooks], expected, max(5.0, b.sizes.wait / 4)
+    )
+    b.results.check(
+        f"{name}: every delivery arrived",
+        counted["okUnique"] >= expected,
+        f"{counted['okUnique']} of {expected}",
+    )
+    b.results.check(
+        f"{name}: every delivery record succeeded",
+        settled.succeeded == expected,
+        f"{settled.succeeded} of {expected} ({settled.pending} pending, {settled.failed} failed)",
+    )
+    b.results.check(
+        f"{name}: receiver verified every signature",
+        counted["badSignatures"] == 0,
+        f"{counted['badSignatures']} bad",
+    )
+    b.results.extra[f"{name}_duplicates"] = counted["arrivals"]["ok"] - counted["okUnique"]
+    first = counted["firstOk"]
+    if first is None or settled.succeeded == 0:
+        return None
+    return settled.succeeded / max(done_at - first, 1e-6)
+
+
+async def throughput(b: Bench) -> None:
+    n = b.sizes.throughput_events
+    hooks = [Webhook(webhook_id("tp", 0), "acct_tp", b.receiver.url("ok", 0))]
+    await insert_webhooks(b.pool, hooks)
+    await b.receiver.reset()
+    await b.publisher.prefill([(f"evt_tp_{i}", "acct_tp") for i in range(n)])
+    async with b.worker("throughput", **FAST_LIMITS) as worker:
+        cpu_start = worker.cpu_seconds()
+        rps = await _drain(b, "throughput", hooks, n, worker)
+        cpu = worker.cpu_seconds() - cpu_start
+        b.results.extra["throughput_worker_rss_mb"] = round(worker.rss_mb(), 1)
+    await b.after_worker()
+    b.figures["throughput_rps"] = rps
+    b.results.extra["throughput_cpu_us_per_delivery"] = round(cpu / n * 1e6, 1)
+    limit_rps = b.figures.get("limit_rps")
+    b.figures["throughput_ratio"] = rps / limit_rps if rps and limit_rps else None
+    b.results.check("throughput: ratio > 0", bool(b.figures["throughput_ratio"]))
+
+
+async def fanout(b: Bench) -> None:
+    n = b.sizes.fanout_events
+    hooks = [Webhook(webhook_id("fo", i), "acct_fo", b.receiver.url("ok", i)) for i in range(10)]
+    await insert_webhooks(b.pool, hooks)
+    await b.receiver.reset()
+    await b.publisher.prefill([(f"evt_fo_{i}", "acct_fo") for i in range(n)])
+    async with b.worker("fanout", **FAST_LIMITS) as worker:
+        rps = await _drain(b, "fanout", hooks, n * len(hooks), worker)
+    await b.after_worker()
+    b.figures["fanout_rps"] = rps
+    b.results.check("fanout: deliveries/s > 0", bool(rps))
+
+
+def _half_rate(b: Bench) -> float:
+    rps = b.figures.get("throughput_rps")
+    return max(10.0, rps / 2) if rps else FALLBACK_RATE
+
+
+async def _paced(b: Bench, name: str, accounts: list[str], healthy: set[str]) -> dict[str, Any]:
+    """Warm up, then publish at half of throughput's rate; return the receiver's stats.
+
+    Events go round-robin to `accounts`; only those of `healthy` accounts are waited for.
+    """
+    rate = _half_rate(b)
+    warm = [(f"evt_{name}_warm_{i}", accounts[i % len(accounts)]) for i in range(int(rate))]
+    await b.receiver.reset()
+    await b.publisher.paced(warm, rate)
+    await b.receiver.wait_ok(sum(1 for _, a in warm if a in healthy), b.sizes.wait)
+    await b.receiver.reset()
+    count = max(50, int(rate * b.sizes.latency_seconds))
+    events = [(f"evt_{name}_{i}", accounts[i % len(accounts)]) for i in range(count)]
+    achieved = await b.publisher.paced(events, rate)
+    b.results.extra[f"{name}_rate"] = round(rate, 1)
+    b.results.extra[f"{name}_achieved_rate"] = round(achieved, 1)
+    want = sum(1 for _, a in events if a in healthy)
+    await b.receiver.wait_ok(want, b.sizes.wait)
+    stats = await b.receiver.stats()
+    b.results.check(
+        f"{name}: every healthy delivery arrived",
+        stats["okUnique"] >= want,
+        f"{stats['okUnique']} of {want}",
+    )
+    return stats
+
+
+async def latency(b: Bench) -> None:
+    hooks = [Webhook(webhook_id("lt", 0), "acct_lt", b.receiver.url("ok", 0))]
+    await insert_webhooks(b.pool, hooks)
+    async with b.worker("latency", **FAST_LIMITS):
+        stats = await _paced(b, "latency", ["acct_lt"], {"acct_lt"})
+        settled, _ = await wait_settled(
+            b.pool, [h.id for h in hooks], (await counts(b.pool, [hooks[0].id])).total, 10
+        )
+    await b.after_worker()
+    lat = stats["latency"]
+    for key, q in (
+        ("p50", "latency_p50_ms"),
+        ("p99", "latency_p99_ms"),
+        ("p999", "latency_p999_ms"),
+    ):
+        b.figures[q] = lat[key] * 1000 if lat[key] is not None else None
+    b.results.check("latency: every record succeeded", settled.pending == 0 and settled.failed == 0)
+    b.results.check("latency: p99 > 0", bool(b.figures["latency_p99_ms"]))
+
+
+ISOLATION_ENDPOINTS = {"ok": 16, "fail": 2, "hang": 2}
+
+
+async def isolation(b: Bench) -> None:
+    """10% of endpoints hang until a 2 s timeout, 10% answer 500: what do the healthy get?"""
+    hooks_by_kind: dict[str, list[Webhook]] = {}
+    n = 0
+    for kind, endpoints in ISOLATION_ENDPOINTS.items():
+        hooks_by_kind[kind] = []
+        for i in range(endpoints):
+            account = f"acct_is_{kind}_{i}"
+            hooks_by_kind[kind].append(
+                Webhook(webhook_id("is", n), account, b.receiver.url(kind, i))
+            )
+            n += 1
+    every = [h for hooks in hooks_by_kind.values() for h in hooks]
+    healthy = hooks_by_kind["ok"]
+    accounts = [h.account_id for h in every]
+    await insert_webhooks(b.pool, every)
+    await b.receiver.reset()
+    events = [(f"evt_is_{i}", accounts[i % len(accounts)]) for i in range(b.sizes.isolation_events)]
+    healthy_accounts = {h.account_id for h in healthy}
+    expected = sum(1 for _, a in events if a in healthy_accounts)
+    await b.publisher.prefill(events)
+    realistic = {
+        **FAST_LIMITS,
+        "CARGOLINT_ENDPOINT_CONCURRENCY": "10",
+        "CARGOLINT_DELIVERY_TIMEOUT": "2",
+    }
+    async with b.worker("isolation", **realistic) as worker:
+        rps = await _drain(b, "isolation", healthy, expected, worker)
+        stats = await _paced(b, "isolation_paced", accounts, healthy_accounts)
+        arrivals = stats["arrivals"]
+        b.results.extra["isolation_paced_fail_arrivals"] = arrivals["fail"]
+        b.results.extra["isolation_paced_hang_arrivals"] = arrivals["hang"]
+        b.results.extra["isolation_worker_rss_mb"] = round(worker.rss_mb(), 1)
+    await b.after_worker()
+    b.results.extra["isolation_rps"] = rps
+    tp = b.figures.get("throughput_rps")
+    b.figures["isolation_ratio"] = rps / tp if rps and tp else None
+    lat = stats["latency"]
+    b.figures["isolation_p50_ms"] = lat["p50"] * 1000 if lat["p50"] is not None else None
+    b.figures["isolation_p99_ms"] = lat["p99"] * 1000 if lat["p99"] is not None else None
+    b.results.check("isolation: ratio > 0", bool(b.figures["isolation_ratio"]))
+    b.results.check(
+        "isolation: failing endpoints were tried", arrivals["fail"] > 0 or arrivals["hang"] > 0
+    )
+
+
+async def _match_cost(b: Bench, samples: list[str]) -> float | None:
+    """Microseconds per `SubscriptionCache.match` over the scale data, timed in this process."""
+    try:
+        from engine.settings import Settings
+        from engine.worker.cache import SubscriptionCache
+        from engine.worker.metrics import Metrics
+    except ImportError as exc:
+        b.results.notes.append(f"match cost not measured: {exc}")
+        return None
+    from bench.payload import EVENT_TYPE
+
+    cache = SubscriptionCache(Settings(database_url=b.database_url), b.pool, Metrics())
+    await cache.reload()
+    started = time.perf_counter()
+    for account in samples:
+        cache.match(account, "live", EVENT_TYPE)
+    return (time.perf_counter() - started) / len(samples) * 1e6
+
+
+async def scale(b: Bench) -> None:
+    """Many webhooks: cache load time, RSS, match cost; then RSS with deliveries held."""
+    s = b.sizes
+    per_account = max(1, s.scale_webhooks // s.scale_accounts)
+    hang_ports = len(b.receiver.ports["hang"])
+    hooks = [
+        Webhook(
+            webhook_id("sc", i),
+            f"acct_sc_{i // per_account}",
+            b.receiver.url("hang", i % hang_ports),
+        )
+        for i in range(s.scale_webhooks)
+    ]
+    started = time.perf_counter()
+    await insert_webhooks(b.pool, hooks)
+    b.results.extra["scale_copy_s"] = round(time.perf_counter() - started, 3)
+    await b.receiver.reset()
+    held = {
+        **FAST_LIMITS,
+        "CARGOLINT_ENDPOINT_CONCURRENCY": "10",
+        "CARGOLINT_DELIVERY_TIMEOUT": "600",
+    }
+    async with b.worker("scale", **held) as worker:
+        metrics = await worker.metrics()
+        reloads = metrics.get("cargolint_webhooks_cache_reload_duration_seconds_count", 0)
+        total = metrics.get("cargolint_webhooks_cache_reload_duration_seconds_sum")
+        cached = metrics.get("cargolint_webhooks_cache_webhooks", 0)
+        b.figures["cache_load_s"] = total / reloads if reloads and total is not None else None
+        b.results.check(
+            "scale: every webhook cached",
+            cached >= s.scale_webhooks,
+            f"{cached:.0f} of {s.scale_webhooks}",
+        )
+        await asyncio.sleep(1.0)
+        b.figures["rss_mb"] = worker.rss_mb()
+        accounts = sorted({h.account_id for h in hooks})
+        samples = [accounts[(i * 7919) % len(accounts)] for i in range(100_000)]
+        b.figures["match_us"] = await _match_cost(b, samples)
+
+        events = max(1, s.inflight_deliveries // per_account)
+        expected = events * per_account
+        await b.publisher.prefill(
+            [(f"evt_sc_{i}", accounts[i % len(accounts)]) for i in range(events)]
+        )
+        deadline = time.monotonic() + s.wait
+        seen = await counts(b.pool, [h.id for h in hooks])
+        while seen.total < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            seen = await counts(b.pool, [h.id for h in hooks])
+        await asyncio.sleep(1.0)
+        b.figures["rss_inflight_mb"] = worker.rss_mb()
+        metrics = await worker.metrics()
+        b.results.extra["scale_in_flight"] = metrics.get("cargolint_webhooks_deliveries_in_flight")
+        b.results.extra["scale_queued"] = metrics.get("cargolint_webhooks_deliveries_queued")
+        b.results.check(
+            "scale: every held delivery recorded",
+            seen.total >= expected,
+            f"{seen.total} of {expected}",
+        )
+    await b.after_worker()
+    b.results.check("scale: cache loaded", b.figures["cache_load_s"] is not None)
+    b.results.check("scale: rss measured", bool(b.figures["rss_mb"]))
+
+
+SCENARIOS = {
+    "limit": limit,
+    "throughput": throughput,
+    "fanout": fanout,
+    "latency": latency,
+    "isolation": isolation,
+    "scale": scale,
+}
