@@ -38,9 +38,7 @@ def wsettings(settings: Settings, amqp_url: str) -> Settings:
 
 
 @pytest.fixture
-async def start_worker(
-    wsettings: Settings, pool: asyncpg.Pool[Any]
-) -> AsyncIterator[StartWorker]:
+async def start_worker(wsettings: Settings, pool: asyncpg.Pool[Any]) -> AsyncIterator[StartWorker]:
     """Start in-process workers (settings may be overridden); all are stopped at the end."""
     started: list[tuple[Worker, Sender]] = []
 

@@ -202,7 +202,6 @@ def dlv(webhook_id: str, account_id: str, event: dict[str, Any]) -> str:
     return delivery_id(webhook_id, account_id, event["id"])
 
 
-
 async def cached(worker: Any, *webhook_ids: str, timeout: float = 2.0) -> None:
     """Wait until the worker's cache holds these webhooks (NOTIFY reached it)."""
 

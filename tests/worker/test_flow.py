@@ -13,8 +13,8 @@ from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     ALL_TYPES,
-    cached,
     Publisher,
+    cached,
     dlv,
     make_account,
     make_event,

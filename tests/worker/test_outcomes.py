@@ -1,0 +1,233 @@
+"""How each kind of receiver answer is classified, recorded and retried (compressed schedule)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import trustme
+from aiohttp import web
+
+from engine.settings import Settings
+from engine.worker.main import Worker
+from tests.receiver import Receiver
+from tests.worker.helpers import (
+    Publisher,
+    cached,
+    dlv,
+    make_account,
+    make_event,
+    make_webhook,
+    wait_final,
+)
+
+
+async def _one_delivery(
+    pool: asyncpg.Pool[Any],
+    settings: Settings,
+    worker: Worker,
+    publisher: Publisher,
+    url: str,
+) -> str:
+    account = await make_account(pool)
+    webhook_id, _ = await make_webhook(pool, settings, account, url)
+    await cached(worker, webhook_id)
+    event = make_event(account)
+    await publisher.publish(event)
+    return dlv(webhook_id, account, event)
+
+
+async def _attempts(pool: asyncpg.Pool[Any], delivery_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT * FROM delivery_attempts WHERE delivery_id = $1 ORDER BY number", delivery_id
+    )
+
+
+async def test_500_then_200_is_retried_and_succeeds(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    async def flaky(_: web.Request, __: bytes) -> web.Response:
+        if len(receiver.requests) == 1:
+            return web.Response(status=500, text="boom")
+        return web.Response(status=200, text="fine")
+
+    receiver.handler = flaky
+    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    rows = await wait_final(pool, [delivery_id])
+    row = rows[delivery_id]
+    assert row["status"] == "succeeded"
+    assert row["attempts"] == 2
+    assert row["response_status"] == 200
+    assert row["error"] is None
+    got = receiver.requests
+    assert len(got) == 2
+    # Receivers deduplicate on this header: it is the same on every retry, as is the body.
+    assert {r.headers["X-CargoLint-Delivery"] for r in got} == {delivery_id}
+    assert got[0].body == got[1].body
+    # The retry waited at least the first scheduled delay (0.2 s).
+    assert got[1].at - got[0].at >= wsettings.retry_schedule[0]
+    attempts = await _attempts(pool, delivery_id)
+    assert [(a["number"], a["response_status"], a["error_class"]) for a in attempts] == [
+        (1, 500, "http_status"),
+        (2, 200, None),
+    ]
+    assert attempts[0]["response_body"] == "boom"
+
+
+async def test_always_500_fails_after_exactly_the_configured_attempts(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    async def broken(_: web.Request, __: bytes) -> web.Response:
+        return web.Response(status=500)
+
+    receiver.handler = broken
+    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    expected = len(wsettings.retry_schedule) + 1
+    assert row["status"] == "failed"
+    assert row["attempts"] == expected
+    assert row["response_status"] == 500
+    assert row["next_attempt_at"] is None
+    assert row["error"] == "HTTP 500"
+    assert len(await _attempts(pool, delivery_id)) == expected
+    # No stray attempt after the last one.
+    await asyncio.sleep(wsettings.retry_schedule[-1] + 0.3)
+    assert len(receiver.requests) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_class"),
+    [("hang", "timeout"), ("redirect", "redirect"), ("huge", None)],
+)
+async def test_receiver_answers(
+    *,
+    kind: str,
+    error_class: str | None,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=(0.1,))
+    release = asyncio.Event()
+
+    async def answer(request: web.Request, _: bytes) -> web.StreamResponse:
+        if kind == "hang":
+            await release.wait()
+            return web.Response()
+        if kind == "redirect":
+            return web.Response(status=302, headers={"Location": receiver.url + "/elsewhere"})
+        # A 10 MB body: the sender reads 4 KiB of it and hangs up.
+        response = web.StreamResponse(status=200)
+        response.content_length = 10 * 1024 * 1024
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            for _ in range(160):
+                await response.write(chunk)
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    receiver.handler = answer
+    try:
+        delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+        row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    finally:
+        release.set()
+    attempts = await _attempts(pool, delivery_id)
+    if kind == "huge":
+        assert row["status"] == "succeeded"
+        assert len(attempts) == 1
+        assert attempts[0]["response_body"] == "x" * 4096
+        return
+    assert row["status"] == "failed"
+    assert row["attempts"] == 2
+    assert [a["error_class"] for a in attempts] == [error_class, error_class]
+    # Redirects are never followed.
+    assert all(r.path == "/" for r in receiver.requests)
+    if kind == "hang":
+        assert all(a["response_time_ms"] >= 900 for a in attempts)
+        assert "1s" in row["error"]
+    else:
+        assert row["response_status"] == 302
+
+
+async def test_connection_refused(
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=(0.1,))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before the attempt: nothing listens
+    delivery_id = await _one_delivery(
+        pool, wsettings, worker, publisher, f"https://127.0.0.1:{port}/hook"
+    )
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    assert row["status"] == "failed"
+    assert row["attempts"] == 2
+    assert row["response_status"] is None
+    attempts = await _attempts(pool, delivery_id)
+    assert {a["error_class"] for a in attempts} == {"connection"}
+
+
+async def test_tls_error_with_an_untrusted_certificate(
+    start_worker: Callable[..., Any],
+    make_receiver: Callable[..., Any],
+    publisher: Publisher,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=(0.1,))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)  # a CA nobody trusts
+    rogue = await make_receiver(context)
+    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, rogue.url)
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    assert row["status"] == "failed"
+    assert row["error"].startswith("TLS error")
+    attempts = await _attempts(pool, delivery_id)
+    assert {a["error_class"] for a in attempts} == {"tls"}
+    assert rogue.requests == []
+
+
+async def test_429_with_retry_after_waits_longer_than_the_schedule(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    async def limited(_: web.Request, __: bytes) -> web.Response:
+        if len(receiver.requests) == 1:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(status=200)
+
+    receiver.handler = limited
+    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    assert row["status"] == "succeeded"
+    first, second = receiver.requests
+    # The schedule says 0.2 s; Retry-After says 1 s, and the longer wins.
+    assert second.at - first.at >= 1.0
+    attempts = await _attempts(pool, delivery_id)
+    assert attempts[0]["response_status"] == 429
+    assert orjson.loads(second.body)["deliveryId"] == delivery_id
