@@ -138,6 +138,7 @@ async def run(settings: Settings) -> int:
                 port=settings.metrics_port,
             )
             await health.start()
+            log.info("serving /metrics, /healthz, /readyz", extra={"port": health.port})
             try:
                 await worker.start()
                 await stop.wait()

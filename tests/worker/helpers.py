@@ -141,7 +141,13 @@ class Publisher:
         if self._connection is not None:
             await self._connection.close()
 
-    async def publish(self, body: dict[str, Any] | bytes, routing_key: str | None = None) -> None:
+    async def publish(
+        self,
+        body: dict[str, Any] | bytes,
+        routing_key: str | None = None,
+        *,
+        message_id: str | None = None,
+    ) -> None:
         assert self.exchange is not None
         if isinstance(body, dict):
             routing_key = routing_key or str(body.get("event", "unknown"))
@@ -153,6 +159,8 @@ class Publisher:
                 raw,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message_id,
+                headers={"x-upstream": "tests"},
             ),
             routing_key=routing_key or "unknown",
         )

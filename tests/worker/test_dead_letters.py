@@ -1,0 +1,95 @@
+"""Bad messages are dead-lettered with their reason, and valid ones keep flowing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+
+from engine.core.ids import random_token
+from engine.settings import Settings
+from engine.worker.consumer import DEAD_QUEUE, REASON_HEADER
+from engine.worker.main import Worker
+from tests.receiver import Receiver
+from tests.worker.helpers import (
+    Publisher,
+    cached,
+    dlv,
+    make_account,
+    make_event,
+    make_webhook,
+    wait_final,
+)
+
+
+async def test_invalid_messages_are_dead_lettered_while_valid_ones_flow(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    account = await make_account(pool)
+    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
+    await cached(worker, webhook_id)
+    run = random_token(8)
+
+    schema_bad = make_event(account)
+    del schema_bad["data"]["document"]["id"]
+    unknown = make_event(account)
+    unknown["event"] = "document.deleted"
+    huge = make_event(account)
+    huge["data"]["document"]["fileName"] = "x" * (300 * 1024)
+    bad: dict[str, tuple[bytes, str, str]] = {
+        "json": (b'{"id": "evt_1", "event": ', "document.uploaded", "invalid_json: "),
+        "schema": (
+            orjson.dumps(schema_bad),
+            "document.uploaded",
+            "schema_invalid: data.document: 'id' is a required property",
+        ),
+        "unknown": (
+            orjson.dumps(unknown),
+            "document.deleted",
+            "unknown_event_type: event 'document.deleted' is not a supported type",
+        ),
+        "large": (orjson.dumps(huge), "document.uploaded", "too_large: "),
+    }
+    good = [make_event(account) for _ in range(4)]
+    for (name, (body, key, _)), event in zip(bad.items(), good, strict=True):
+        await publisher.publish(body, key, message_id=f"{run}-{name}")
+        await publisher.publish(event)
+
+    await receiver.wait_for(4)
+    await wait_final(pool, [dlv(webhook_id, account, e) for e in good])
+
+    assert publisher.channel is not None
+    queue = await publisher.channel.declare_queue(DEAD_QUEUE, durable=True)
+    found: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
+    async with asyncio.timeout(10):
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                if (message.message_id or "").startswith(run):
+                    found[message.message_id.split("-", 1)[1]] = message
+                if len(found) == len(bad):
+                    break
+    for name, (body, key, reason) in bad.items():
+        message = found[name]
+        assert message.body == body  # the original, untouched
+        assert message.routing_key == key
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.content_type == "application/json"
+        headers = message.headers or {}
+        assert headers["x-upstream"] == "tests"  # original headers kept
+        assert str(headers[REASON_HEADER]).startswith(reason), headers[REASON_HEADER]
+    # Nothing of the bad ones was recorded as an event.
+    bad_ids = [schema_bad["id"], unknown["id"], huge["id"]]
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE id = ANY($1)", bad_ids) == 0
+    # The worker is still consuming.
+    assert worker.consumer.connected
+    later = make_event(account)
+    await publisher.publish(later)
+    await receiver.wait_for(5)
