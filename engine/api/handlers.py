@@ -61,7 +61,7 @@ async def read_json(request: web.Request) -> Any:
 
 def _webhook_id(request: web.Request) -> str:
     value = request.match_info["id"]
-    if not WEBHOOK_ID.match(value):
+    if not WEBHOOK_ID.fullmatch(value):
         raise _not_found(value)
     return value
 

@@ -56,7 +56,7 @@ def route_of(request: web.Request) -> str:
 def _webhook_id(request: web.Request) -> str | None:
     # Only a well-formed id is logged: a path segment is the client's text, not ours.
     value = request.match_info.get("id")
-    return value if value is not None and WEBHOOK_ID.match(value) else None
+    return value if value is not None and WEBHOOK_ID.fullmatch(value) else None
 
 
 def metrics_middleware(metrics: ApiMetrics) -> Middleware:

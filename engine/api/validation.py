@@ -31,9 +31,9 @@ __all__ = [
 MAX_DESCRIPTION = 255
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
-WEBHOOK_ID = re.compile(r"^wh_[a-z0-9]{12,64}$")
+WEBHOOK_ID = re.compile(r"wh_[a-z0-9]{12,64}")  # use with fullmatch: `$` allows a final newline
 _FIELDS = ("url", "events", "active", "description")
-_INTEGER = re.compile(r"^[0-9]{1,9}$")
+_INTEGER = re.compile(r"[0-9]{1,9}", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +142,7 @@ def _page_param(query: MultiMapping[str], name: str, default: int, low: int, hig
     if not values:
         return default
     raw = values[0]
-    if len(values) > 1 or not _INTEGER.match(raw) or not low <= int(raw) <= high:
+    if len(values) > 1 or not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
         raise ApiError(
             400,
             "invalid_pagination",
