@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="WARNING", help="the worker's CARGOLINT_LOG_LEVEL [WARNING]"
     )
+    parser.add_argument(
+        "--rate", type=float, help="paced scenarios' events/s [half of measured throughput]"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample each worker with py-spy into DIR/<scenario>.txt (collapsed stacks)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs folder")
     parser.add_argument("--strict", action="store_true", help="also exit 1 when a target fails")
     return parser
@@ -76,6 +85,8 @@ async def _run(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Results
                 publisher=pub,
                 workdir=workdir,
                 log_level=args.log_level,
+                rate=args.rate,
+                profile=args.profile,
                 results=results,
             )
             await topology(bench)
@@ -113,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="cargolint-bench-"))
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     try:
         results = run(_main(args, sizes, workdir))
     except KeyboardInterrupt:

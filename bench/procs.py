@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -25,6 +26,7 @@ __all__ = [
     "WorkerProcess",
     "free_port",
     "parse_metrics",
+    "py_spy",
     "receiver_process",
     "worker_process",
 ]
@@ -198,10 +200,40 @@ class WorkerProcess:
 
 
 @contextlib.asynccontextmanager
+async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
+    """Sample `pid` with py-spy into `output` (collapsed stacks; .svg for a flame graph)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    kind = "flamegraph" if output.suffix == ".svg" else "raw"
+    process = await asyncio.create_subprocess_exec(
+        exe,
+        "record",
+        f"--pid={pid}",
+        f"--output={output}",
+        f"--format={kind}",
+        "--rate=200",
+        "--nonblocking",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        # SIGINT makes py-spy write what it sampled and exit.
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 20)
+        await _stop(process, 1)
+
+
+@contextlib.asynccontextmanager
 async def worker_process(
-    env: dict[str, str], log: Path, *, ready: bool = True
+    env: dict[str, str], log: Path, *, ready: bool = True, profile: Path | None = None
 ) -> AsyncIterator[WorkerProcess]:
-    """Start `python -m engine worker` with `env` added to ours; stop it at the end."""
+    """Start `python -m engine worker` with `env` added to ours; stop it at the end.
+
+    With `profile`, py-spy samples the worker from start to stop into that file.
+    """
     metrics_port = free_port()
     full_env = {**os.environ, **env, "CARGOLINT_METRICS_PORT": str(metrics_port)}
     handle: IO[bytes] = log.open("ab")
@@ -217,9 +249,12 @@ async def worker_process(
         )
         worker = WorkerProcess(process, metrics_port, log)
         try:
-            if ready:
-                await worker.wait_ready()
-            yield worker
+            async with contextlib.AsyncExitStack() as stack:
+                if profile is not None:
+                    await stack.enter_async_context(py_spy(process.pid, profile))
+                if ready:
+                    await worker.wait_ready()
+                yield worker
         finally:
             await worker.stop()
     finally:

@@ -57,6 +57,7 @@ class Tally:
     ok_ids: set[bytes] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)
     bad_signatures: int = 0
+    connections: int = 0
     first_ok: float | None = None
     last_ok: float | None = None
 
@@ -98,6 +99,7 @@ class Receiver:
             "arrivals": t.arrivals,
             "okUnique": len(t.ok_ids),
             "badSignatures": t.bad_signatures,
+            "connections": t.connections,
             "firstOk": t.first_ok,
             "lastOk": t.last_ok,
         }
@@ -147,6 +149,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, so no isinstance here.
         self._transport = transport
+        self._receiver.tally.connections += 1
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
