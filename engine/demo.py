@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import signal
 import socket
@@ -152,6 +153,7 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, what: str) -> Non
 
 async def run(settings: Settings) -> int:
     say("CargoLint Webhooks demo")
+    logging.getLogger().setLevel(logging.WARNING)  # the walk-through speaks for itself
     applied = await migrate(settings.database_url, secret_keys=settings.secret_keys)
     say(f"  database ready ({len(applied)} migrations applied now)")
 

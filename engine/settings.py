@@ -49,8 +49,8 @@ class Settings:
     worker_lease: float = 15.0
     cache_reload_interval: float = 60.0
     max_webhooks_per_account: int = 100
-    api_rate_limit: float = 50.0
-    api_rate_burst: int = 100
+    api_rate_limit: float = 100.0
+    api_rate_burst: int = 500
     log_level: str = "INFO"
 
     @classmethod
