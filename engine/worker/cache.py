@@ -120,6 +120,9 @@ class SubscriptionCache:
             except TRANSIENT as exc:
                 self._metrics.cache_reload_failures.inc()
                 log.warning("subscription cache reload failed", extra={"error": str(exc)})
+            except Exception:  # keep the cache we have, and try again next time
+                self._metrics.cache_reload_failures.inc()
+                log.exception("subscription cache reload failed")
 
     # -- LISTEN / NOTIFY ------------------------------------------------------------------
 

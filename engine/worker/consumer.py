@@ -254,19 +254,23 @@ class Consumer:
             extra={"reason": reason, "routing_key": message.routing_key},
         )
 
-    async def stop(self) -> None:
-        """Stop taking messages and finish the batch under way; the rest are redelivered."""
+    async def stop(self, wait: float = 5.0) -> None:
+        """Stop taking messages and finish the batch under way, waiting at most `wait` seconds
+        (Postgres may be down); unacked messages go back to the queue when the channel closes."""
         self._stopping = True
         if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(*_BROKER_LOST):
-                await self._queue.cancel(self._consumer_tag)
+            with contextlib.suppress(*_BROKER_LOST, TimeoutError):
+                await self._queue.cancel(self._consumer_tag, timeout=wait)
         if self._task is not None:
             self._arrived.set()
+            _, late = await asyncio.wait({self._task}, timeout=wait)
+            for task in late:
+                task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def close(self) -> None:
-        await self.stop()
+    async def close(self, wait: float = 5.0) -> None:
+        await self.stop(wait)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

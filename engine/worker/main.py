@@ -90,18 +90,24 @@ class Worker:
         """Stop consuming, let attempts under way finish for up to `grace` seconds, cancel the
         rest, write what is recorded and release this worker's claims for others to take."""
         grace = self.settings.shutdown_grace if grace is None else grace
-        await self.consumer.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def left(at_least: float) -> float:
+            return max(at_least, deadline - loop.time())
+
+        await self.consumer.close(wait=min(5.0, left(1.0)))
         if not self._started:
             await self.cache.close()
             return
         await self.poller.stop()
-        cancelled = await self.dispatcher.drain(grace)
+        cancelled = await self.dispatcher.drain(left(0.0))
         # The last writes must happen even if whoever awaits stop() is cancelled meanwhile.
-        await asyncio.shield(self._final_writes(cancelled))
+        await asyncio.shield(self._final_writes(cancelled, wait_for_db=left(2.0)))
         await self.cache.close()
 
-    async def _final_writes(self, cancelled: int) -> None:
-        await self.recorder.close()
+    async def _final_writes(self, cancelled: int, wait_for_db: float) -> None:
+        await self.recorder.close(wait_for_db)
         try:
             released = await retry_transient(
                 lambda: release_worker(self.pool, self.id),

@@ -80,6 +80,9 @@ class Poller:
             except TRANSIENT as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
                 continue
+            except Exception:  # keep beating: losing the lease hands our work to others
+                log.exception("heartbeat failed")
+                continue
             self._metrics.retries_due.set(depth.due)
             self._metrics.retries_pending.set(depth.waiting)
 
@@ -102,6 +105,10 @@ class Poller:
                 claimed = await self.poll_once()
             except TRANSIENT as exc:
                 log.warning("claiming due deliveries failed", extra={"error": str(exc)})
+                claimed = 0
+            except Exception:  # keep polling: retries must not stop for one bad turn
+                log.exception("claiming due deliveries failed")
+                await asyncio.sleep(1.0)
                 claimed = 0
             # A full batch means more may be due: claim again at once.
             if claimed < CLAIM_BATCH:

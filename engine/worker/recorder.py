@@ -117,7 +117,10 @@ class Recorder:
             records, self._records = self._records, []
             gone, self._gone = self._gone, []
             if records or gone:
-                await self._write(records, gone)
+                try:
+                    await self._write(records, gone)
+                except Exception:  # keep recording; these stay claimed until a restart
+                    log.exception("recording attempts failed")
             if not self._records and not self._gone:
                 self._idle.set()
 
