@@ -1,0 +1,49 @@
+"""Chaos fixtures: a throwaway PostgreSQL and RabbitMQ per test, and TCP proxies to break.
+
+Never the shared servers on 5432/5672: these run on free ports, in temp dirs, and are
+stopped and deleted when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.chaos.services import TcpProxy, ThrowawayPostgres, ThrowawayRabbit
+
+
+@pytest.fixture
+def throwaway_pg() -> Iterator[ThrowawayPostgres]:
+    pg = ThrowawayPostgres().init()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+async def throwaway_rabbit() -> AsyncIterator[ThrowawayRabbit]:
+    rabbit = ThrowawayRabbit()
+    try:
+        # Blocking waits run in a thread so the session's event loop keeps serving receivers.
+        await asyncio.to_thread(rabbit.start)
+        yield rabbit
+    finally:
+        await asyncio.to_thread(rabbit.cleanup)
+
+
+@pytest.fixture
+async def pg_proxy(throwaway_pg: ThrowawayPostgres) -> AsyncIterator[TcpProxy]:
+    proxy = await TcpProxy(throwaway_pg.port).start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def rabbit_proxy(throwaway_rabbit: ThrowawayRabbit) -> AsyncIterator[TcpProxy]:
+    proxy = await TcpProxy(throwaway_rabbit.port).start()
+    yield proxy
+    await proxy.close()
