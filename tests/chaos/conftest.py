@@ -7,10 +7,13 @@ stopped and deleted when the test ends, whatever happened.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.chaos.receivers import CountingReceiver
+from tests.chaos.run import REPORTS
 from tests.chaos.services import TcpProxy, ThrowawayPostgres, ThrowawayRabbit
 
 
@@ -47,3 +50,18 @@ async def rabbit_proxy(throwaway_rabbit: ThrowawayRabbit) -> AsyncIterator[TcpPr
     proxy = await TcpProxy(throwaway_rabbit.port).start()
     yield proxy
     await proxy.close()
+
+
+@pytest.fixture
+async def counting_receiver(server_ssl: ssl.SSLContext) -> AsyncIterator[CountingReceiver]:
+    receiver = await CountingReceiver(server_ssl).start()
+    yield receiver
+    await receiver.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every scenario's report line, even without -s."""
+    if REPORTS:
+        terminalreporter.section("chaos report")
+        for report in REPORTS:
+            terminalreporter.write_line(report.line())
