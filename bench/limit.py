@@ -68,9 +68,17 @@ async def hammer(url: str, ca: str, concurrency: int, count: int, warmup: int) -
         numbers = itertools.count()
         errors = 0
         started = time.perf_counter()
+        cpu_started = time.process_time()
         await asyncio.gather(*(loop(count) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"requests": count, "errors": errors, "seconds": elapsed, "rps": count / elapsed}
+        cpu = time.process_time() - cpu_started
+    return {
+        "requests": count,
+        "errors": errors,
+        "seconds": elapsed,
+        "rps": count / elapsed,
+        "cpu_us_per_request": round(cpu / count * 1e6, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

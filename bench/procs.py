@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,11 +21,15 @@ import aiohttp
 import orjson
 
 __all__ = [
+    "CpuMeter",
     "LimitClient",
     "ReceiverProcess",
     "WorkerProcess",
+    "cpu_seconds",
     "free_port",
+    "machine_busy_seconds",
     "parse_metrics",
+    "pids_named",
     "py_spy",
     "receiver_process",
     "worker_process",
@@ -146,6 +150,65 @@ def _clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+
+
+def pids_named(*names: str) -> list[int]:
+    """Processes whose command name (/proc/<pid>/comm) is one of `names`."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in names:
+            found.append(int(entry.name))
+    return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent not idle, summed over every CPU, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _clock_ticks()
+
+
+class CpuMeter:
+    """CPU seconds used by groups of processes (and the whole machine) between two readings.
+
+    A group is a function returning its pids now, so processes that start meanwhile (Postgres
+    backends) count from zero; ones that exit meanwhile are lost. Postgres and RabbitMQ are
+    shared with whatever else runs on the machine, so their share is noisy.
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self._start = {name: self._per_pid(pids()) for name, pids in groups.items()}
+        self._machine = machine_busy_seconds()
+
+    @staticmethod
+    def _per_pid(pids: list[int]) -> dict[int, float]:
+        return {pid: cpu_seconds(pid) for pid in pids}
+
+    def used(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for name, pids in self.groups.items():
+            before = self._start[name]
+            now = self._per_pid(pids())
+            result[name] = sum(max(0.0, cpu - before.get(pid, 0.0)) for pid, cpu in now.items())
+        result["machine"] = machine_busy_seconds() - self._machine
+        return result
+
+
 class WorkerProcess:
     """A running `python -m engine worker` and what can be read about it from outside."""
 
@@ -191,9 +254,7 @@ class WorkerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time so far, from /proc/<pid>/stat."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+        return cpu_seconds(self.pid)
 
     async def stop(self) -> int | None:
         return await _stop(self.process)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ import asyncpg
 
 from bench.data import Webhook, counts, insert_webhooks, settle, wait_settled, webhook_id
 from bench.env import Certificates
-from bench.procs import LimitClient, ReceiverProcess, WorkerProcess, worker_process
+from bench.procs import (
+    CpuMeter,
+    LimitClient,
+    ReceiverProcess,
+    WorkerProcess,
+    pids_named,
+    worker_process,
+)
 from bench.publisher import Publisher
 
 __all__ = ["FULL", "QUICK", "SCENARIOS", "Bench", "Results", "Sizes"]
@@ -120,6 +128,26 @@ class Bench:
             self.env(**overrides), self.workdir / f"worker-{name}.log", profile=profile
         )
 
+    def cpu_meter(self, worker: WorkerProcess | None = None) -> CpuMeter:
+        """Start measuring CPU of the worker, the receiver, RabbitMQ, Postgres and the machine."""
+        receiver_pid = self.receiver.process.pid
+        groups: dict[str, Callable[[], list[int]]] = {
+            "receiver": lambda: [receiver_pid],
+            "rabbitmq": lambda: pids_named("beam.smp"),
+            "postgres": lambda: pids_named("postgres"),
+        }
+        if worker is not None:
+            worker_pid = worker.pid
+            groups["worker"] = lambda: [worker_pid]
+        return CpuMeter(groups)
+
+    def record_cpu(self, name: str, meter: CpuMeter, items: int) -> None:
+        """CPU microseconds per delivery (or request) by process group, into the extras."""
+        used = meter.used()
+        self.results.extra[f"{name}_cpu_us_per_item"] = {
+            group: round(seconds / max(1, items) * 1e6, 1) for group, seconds in used.items()
+        }
+
     async def after_worker(self) -> None:
         """Between scenarios: nothing left queued, nothing left to retry."""
         await self.publisher.purge()
@@ -139,6 +167,7 @@ async def topology(b: Bench) -> None:
 
 async def limit(b: Bench) -> None:
     await b.receiver.reset()
+    meter = b.cpu_meter()
     result = await LimitClient.run(
         b.receiver.url("ok"),
         b.certs.ca,
@@ -147,6 +176,8 @@ async def limit(b: Bench) -> None:
         warmup=min(500, b.sizes.limit_requests // 4),
     )
     counted = await b.receiver.count()
+    b.record_cpu("limit", meter, b.sizes.limit_requests + min(500, b.sizes.limit_requests // 4))
+    b.results.extra["limit_client_cpu_us_per_request"] = result.get("cpu_us_per_request")
     b.figures["limit_rps"] = result["rps"]
     b.results.check("limit: no errors", result["errors"] == 0, f"{result['errors']} errors")
     b.results.check(
@@ -197,13 +228,12 @@ async def throughput(b: Bench) -> None:
     await b.receiver.reset()
     await b.publisher.prefill([(f"evt_tp_{i}", "acct_tp") for i in range(n)])
     async with b.worker("throughput", **FAST_LIMITS) as worker:
-        cpu_start = worker.cpu_seconds()
+        meter = b.cpu_meter(worker)
         rps = await _drain(b, "throughput", hooks, n, worker)
-        cpu = worker.cpu_seconds() - cpu_start
+        b.record_cpu("throughput", meter, n)
         b.results.extra["throughput_worker_rss_mb"] = round(worker.rss_mb(), 1)
     await b.after_worker()
     b.figures["throughput_rps"] = rps
-    b.results.extra["throughput_cpu_us_per_delivery"] = round(cpu / n * 1e6, 1)
     limit_rps = b.figures.get("limit_rps")
     b.figures["throughput_ratio"] = rps / limit_rps if rps and limit_rps else None
     if limit_rps is not None:  # not when run with --only and without limit
@@ -245,14 +275,13 @@ async def _paced(
     await b.receiver.reset()
     count = max(50, int(rate * b.sizes.latency_seconds))
     events = [(f"evt_{name}_{i}", accounts[i % len(accounts)]) for i in range(count)]
-    cpu_start = worker.cpu_seconds()
+    meter = b.cpu_meter(worker)
     achieved = await b.publisher.paced(events, rate)
     b.results.extra[f"{name}_rate"] = round(rate, 1)
     b.results.extra[f"{name}_achieved_rate"] = round(achieved, 1)
     want = sum(1 for _, a in events if a in healthy)
     await b.receiver.wait_ok(want, b.sizes.wait)
-    cpu = worker.cpu_seconds() - cpu_start
-    b.results.extra[f"{name}_cpu_us_per_event"] = round(cpu / count * 1e6, 1)
+    b.record_cpu(name, meter, count)
     stats = await b.receiver.stats()
     b.results.extra[f"{name}_tls_connections"] = stats["connections"]
     b.results.check(
