@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, help="in-flight requests for the limit client and the worker"
     )
     parser.add_argument(
-        "--log-level", default="WARNING", help="the worker's CARGOLINT_LOG_LEVEL [WARNING]"
+        "--log-level", default="INFO", help="the worker's CARGOLINT_LOG_LEVEL [INFO, its default]"
     )
     parser.add_argument(
         "--rate", type=float, help="paced scenarios' events/s [half of measured throughput]"

@@ -8,6 +8,7 @@ failed scenario leaves its figures None and the ones after fall back to modest d
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ class Bench:
             "receiver": lambda: [receiver_pid],
             "rabbitmq": lambda: pids_named("beam.smp"),
             "postgres": lambda: pids_named("postgres"),
+            "harness": lambda: [os.getpid()],  # this process: the publisher and the polling
         }
         if worker is not None:
             worker_pid = worker.pid
