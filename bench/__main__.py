@@ -117,6 +117,9 @@ async def _main(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Result
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `cargolint-webhooks bench -- --quick` passes the separator on
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.concurrency:
