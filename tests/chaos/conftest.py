@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +52,26 @@ async def rabbit_proxy(throwaway_rabbit: ThrowawayRabbit) -> AsyncIterator[TcpPr
     proxy = await TcpProxy(throwaway_rabbit.port).start()
     yield proxy
     await proxy.close()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A scenario's own servers, our CA and a directory for the worker logs."""
+
+    pg: ThrowawayPostgres
+    rabbit: ThrowawayRabbit
+    ca_file: Path
+    logdir: Path
+
+
+@pytest.fixture
+def stack(
+    throwaway_pg: ThrowawayPostgres,
+    throwaway_rabbit: ThrowawayRabbit,
+    ca_file: Path,
+    tmp_path: Path,
+) -> Stack:
+    return Stack(throwaway_pg, throwaway_rabbit, ca_file, tmp_path)
 
 
 @pytest.fixture
