@@ -143,11 +143,13 @@ def _unreachable(exc: BaseException, settings: Settings) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "bench":
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The benchmark parses its own options (argparse's REMAINDER would refuse `--quick`).
         from bench.__main__ import main as bench_main  # noqa: PLC0415
 
-        return bench_main(args.args)
+        return bench_main(argv[1:])
+    args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
