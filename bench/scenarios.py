@@ -217,7 +217,7 @@ async def _drain(
     )
     b.results.extra[f"{name}_duplicates"] = counted["arrivals"]["ok"] - counted["okUnique"]
     b.results.extra[f"{name}_tls_connections"] = counted["connections"]
-    first = counted["firstOk"]
+    first: float | None = counted["firstOk"]
     if first is None or settled.succeeded == 0:
         return None
     return settled.succeeded / max(done_at - first, 1e-6)
