@@ -19,9 +19,11 @@ __all__ = [
     "claim_due",
     "end_deliveries",
     "heartbeat",
+    "own_stale",
     "queue_depth",
     "release_deliveries",
     "release_worker",
+    "retake_due",
 ]
 
 # A claim is void when no live worker holds it: none with that id, or one silent for a lease.
@@ -90,6 +92,41 @@ async def claim_due(
         )
         for r in rows
     ]
+
+
+async def retake_due(
+    conn: Conn, worker_id: str, delivery_ids: Sequence[str], *, lease: float
+) -> dict[str, int]:
+    """Claim those of `delivery_ids` that are pending, due and held by no live worker but this
+    one; return their ids and attempts so far.
+
+    For a redelivered message whose deliveries exist already: if this worker's earlier commit
+    went through but its hand-off did not, or their worker died, they are taken up again now.
+    A delivery waiting for a later retry is not due, so its schedule is kept.
+    """
+    rows = await conn.fetch(
+        f"""UPDATE deliveries d SET claimed_by = $1
+            WHERE d.id = ANY($3::text[]) AND d.status = 'pending'
+              AND d.next_attempt_at <= now()
+              AND (d.claimed_by = $1 OR {_UNCLAIMED})
+            RETURNING d.id, d.attempts""",
+        worker_id,
+        lease,
+        list(delivery_ids),
+    )
+    return {r["id"]: r["attempts"] for r in rows}
+
+
+async def own_stale(conn: Conn, worker_id: str, *, overdue: float) -> list[str]:
+    """Pending deliveries this worker claims that have been due for over `overdue` seconds."""
+    rows = await conn.fetch(
+        """SELECT id FROM deliveries
+           WHERE claimed_by = $1 AND status = 'pending'
+             AND next_attempt_at <= now() - make_interval(secs => $2)""",
+        worker_id,
+        overdue,
+    )
+    return [r["id"] for r in rows]
 
 
 async def end_deliveries(conn: Conn, delivery_ids: Sequence[str], *, error: str) -> None:

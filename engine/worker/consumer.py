@@ -41,6 +41,7 @@ from engine.core.events import Event, InvalidEventError, parse_event
 from engine.core.ids import delivery_id
 from engine.settings import Settings
 from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
+from engine.store.queue import retake_due
 from engine.worker.cache import SubscriptionCache
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
@@ -197,8 +198,9 @@ class Consumer:
         # With no room in memory the deliveries stay unclaimed: the poller takes them later.
         hold = self._dispatcher.room() >= len(deliveries)
         new_ids: set[str] = set()
+        retaken: dict[str, int] = {}
         if deliveries:
-            new_ids = await retry_transient(
+            new_ids, retaken = await retry_transient(
                 lambda: self._insert(list(matched.values()), list(deliveries.values()), hold),
                 what="record new deliveries",
             )
@@ -209,20 +211,37 @@ class Consumer:
             self._metrics.events_consumed.labels("dead_lettered").inc(len(invalid))
         for dlv in new_ids:
             self._metrics.deliveries_created.labels(deliveries[dlv].event.type).inc()
-        if hold and new_ids:
+        if hold and (new_ids or retaken):
             self._dispatcher.submit(
                 Job(d.id, d.webhook_id, d.event, 1, now)
                 for d in deliveries.values()
                 if d.id in new_ids
             )
+            self._dispatcher.submit(
+                Job(d.id, d.webhook_id, d.event, retaken[d.id] + 1)
+                for d in deliveries.values()
+                if d.id in retaken
+            )
 
     async def _insert(
         self, events: list[Event], deliveries: list[NewDelivery], hold: bool
-    ) -> set[str]:
+    ) -> tuple[set[str], dict[str, int]]:
+        """Insert; return the new delivery ids, and the existing ones taken up again."""
         async with self._pool.acquire() as conn, conn.transaction():
-            return await insert_events_and_deliveries(
+            new_ids = await insert_events_and_deliveries(
                 conn, events, deliveries, claimed_by=self._worker_id if hold else None
             )
+            existing = [
+                d.id
+                for d in deliveries
+                if d.id not in new_ids and d.id not in self._dispatcher.held
+            ]
+            retaken: dict[str, int] = {}
+            if hold and existing:
+                retaken = await retake_due(
+                    conn, self._worker_id, existing, lease=self._settings.worker_lease
+                )
+            return new_ids, retaken
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, error: InvalidEventError

@@ -84,6 +84,8 @@ class Dispatcher:
         self._queued = 0
         self._stopping = False
         self._keys: dict[str, str] = {}  # url → endpoint key, so hot paths skip urlsplit
+        # Deliveries this worker holds in memory, from submit until their outcome is written.
+        self.held: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
         # Bound on jobs held in memory; beyond it new work stays in Postgres for the poller.
         self.capacity = max(10_000, 20 * settings.max_in_flight)
@@ -106,12 +108,19 @@ class Dispatcher:
     def submit(self, jobs: Iterable[Job]) -> None:
         """Queue jobs on their endpoints; a job whose webhook is gone ends at once."""
         for job in jobs:
+            if job.delivery_id in self.held:
+                continue  # already here (a redelivered message, a second claim)
+            self.held.add(job.delivery_id)
             target = self._cache.get(job.webhook_id)
             if target is None:
                 self._recorder.gone(job)
                 continue
             self._enqueue(self._key(target.url), job)
         self._metrics.queued.set(self._queued)
+
+    def forget(self, delivery_ids: Iterable[str]) -> None:
+        """The outcomes of these deliveries are written: they are no longer held here."""
+        self.held.difference_update(delivery_ids)
 
     def _key(self, url: str) -> str:
         key = self._keys.get(url)

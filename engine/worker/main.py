@@ -58,6 +58,7 @@ class Worker:
         self.dispatcher = Dispatcher(
             settings, cache=self.cache, sender=sender, recorder=self.recorder, metrics=self.metrics
         )
+        self.recorder.on_written = self.dispatcher.forget
         self.poller = Poller(
             settings,
             pool=pool,

@@ -17,7 +17,13 @@ from typing import Any
 import asyncpg
 
 from engine.settings import Settings
-from engine.store.queue import claim_due, heartbeat, queue_depth
+from engine.store.queue import (
+    claim_due,
+    heartbeat,
+    own_stale,
+    queue_depth,
+    release_deliveries,
+)
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
 from engine.worker.metrics import Metrics
@@ -76,6 +82,7 @@ class Poller:
             await asyncio.sleep(self.beat_interval)
             try:
                 await self._beat()
+                await self._release_orphans()
                 depth = await queue_depth(self._pool)
             except TRANSIENT as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
@@ -85,6 +92,18 @@ class Poller:
                 continue
             self._metrics.retries_due.set(depth.due)
             self._metrics.retries_pending.set(depth.waiting)
+
+    async def _release_orphans(self) -> None:
+        """Release claims this worker holds on rows it no longer has in memory.
+
+        Only an ambiguous failure (a commit that went through, then a lost connection) leaves
+        such rows; they are overdue by a lease and not held, so other pollers may take them.
+        """
+        stale = await own_stale(self._pool, self._worker_id, overdue=self._settings.worker_lease)
+        orphans = [d for d in stale if d not in self._dispatcher.held]
+        if orphans:
+            await release_deliveries(self._pool, orphans)
+            log.warning("released orphaned claims", extra={"count": len(orphans)})
 
     async def poll_once(self) -> int:
         """Claim what is due (up to the dispatcher's room) and dispatch it; return the count."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -50,6 +51,8 @@ class Recorder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        # Told the delivery ids of every batch once it is written (the dispatcher's `forget`).
+        self.on_written: Callable[[list[str]], None] = lambda _: None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="recorder")
@@ -119,8 +122,14 @@ class Recorder:
             if records or gone:
                 try:
                     await self._write(records, gone)
-                except Exception:  # keep recording; these stay claimed until a restart
-                    log.exception("recording attempts failed")
+                except Exception:  # never drop an outcome: put it back and try again soon
+                    log.exception("recording attempts failed; will try again")
+                    self._records[:0] = records
+                    self._gone[:0] = gone
+                    await asyncio.sleep(1.0)
+                    self._pending.set()
+                    continue
+                self.on_written([r.delivery_id for r in records] + gone)
             if not self._records and not self._gone:
                 self._idle.set()
 

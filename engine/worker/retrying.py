@@ -33,6 +33,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
+    # Raised by the pool when it resets a connection the server has just killed.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
