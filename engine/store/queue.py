@@ -66,6 +66,9 @@ async def claim_due(
                     SELECT d.id FROM deliveries d
                     WHERE d.status = 'pending' AND d.next_attempt_at <= now()
                       AND {_UNCLAIMED}
+                      -- never our own: we hold those in memory, even while our heartbeat
+                      -- lapsed in an outage; our stale ones are released by own_stale
+                      AND d.claimed_by IS DISTINCT FROM $1
                     ORDER BY d.next_attempt_at
                     LIMIT $3
                     FOR UPDATE OF d SKIP LOCKED)
