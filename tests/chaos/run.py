@@ -188,6 +188,19 @@ class ChaosRun:
                 problems.append(
                     f"{bad_counts} deliveries whose attempts disagree with attempt rows"
                 )
+                # The same attempt written twice (a retried write whose first commit did land)
+                # or a second request sent under the same attempt number?
+                twice = await conn.fetchval(
+                    """SELECT count(*) FROM (
+                           SELECT delivery_id, number, attempted_at FROM delivery_attempts
+                           GROUP BY 1, 2, 3 HAVING count(*) > 1) t"""
+                )
+                resent = await conn.fetchval(
+                    """SELECT count(*) FROM (
+                           SELECT delivery_id, number FROM delivery_attempts
+                           GROUP BY 1, 2 HAVING count(DISTINCT attempted_at) > 1) t"""
+                )
+                problems.append(f"{twice} attempts recorded twice, {resent} numbers sent twice")
             bad_success = await conn.fetchval(
                 """SELECT count(*) FROM deliveries d WHERE d.status = 'succeeded' AND NOT EXISTS (
                        SELECT 1 FROM delivery_attempts a WHERE a.delivery_id = d.id
