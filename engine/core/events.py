@@ -1,12 +1,20 @@
-"""Event types and ingress validation against the JSON Schemas in `schemas/`."""
+"""Event types and ingress validation against the JSON Schemas in `schemas/`.
+
+The schemas are the source of truth. Every message is checked by a validator that
+fastjsonschema compiles from them (a few microseconds, against about 60 for jsonschema); only a
+message it rejects goes on to jsonschema, which words the dead-letter reason and has the last
+word, so the fast path can only make accepting cheaper, never change what is accepted.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 import orjson
 
@@ -49,9 +57,25 @@ class Event:
 
 
 @functools.cache
+def _schema(event_type: str) -> dict[str, Any]:
+    schema: dict[str, Any] = orjson.loads(
+        (SCHEMA_DIR / f"event.{event_type}.schema.json").read_bytes()
+    )
+    return schema
+
+
+@functools.cache
 def _validator(event_type: str) -> jsonschema.Draft202012Validator:
-    schema = orjson.loads((SCHEMA_DIR / f"event.{event_type}.schema.json").read_bytes())
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(_schema(event_type))
+
+
+@functools.cache
+def fast_validator(event_type: str) -> Callable[[Any], Any]:
+    """The compiled check for one event type: returns, or raises JsonSchemaValueException.
+
+    `use_default=False`: it must not write the schema's defaults into the message.
+    """
+    return fastjsonschema.compile(_schema(event_type), use_default=False)
 
 
 def _location(error: jsonschema.ValidationError) -> str:
@@ -75,9 +99,16 @@ def parse_event(body: bytes) -> Event:
         raise InvalidEventError(
             "unknown_event_type", f"event {event_type!r} is not a supported type"
         )
-    error = jsonschema.exceptions.best_match(_validator(event_type).iter_errors(message))
-    if error is not None:
-        raise InvalidEventError("schema_invalid", f"{_location(error)}: {error.message}")
+    try:
+        fast_validator(event_type)(message)
+    except fastjsonschema.JsonSchemaValueException:
+        # fastjsonschema reads `$` in a pattern as end of string (as JSON Schema does) where
+        # jsonschema also lets it match before a final newline: jsonschema decides.
+        error = jsonschema.exceptions.best_match(_validator(event_type).iter_errors(message))
+        if error is not None:
+            raise InvalidEventError(
+                "schema_invalid", f"{_location(error)}: {error.message}"
+            ) from None
     return Event(
         id=message["id"],
         type=event_type,
@@ -92,3 +123,4 @@ def warm_validators() -> None:
     """Compile every schema now rather than on the first message."""
     for event_type in EVENT_TYPES:
         _validator(event_type)
+        fast_validator(event_type)
