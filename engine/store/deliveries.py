@@ -60,6 +60,25 @@ class AttemptRecord:
     next_attempt_at: datetime | None
 
 
+_INSERT_EVENTS = """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
+    ON CONFLICT DO NOTHING"""
+
+# One statement, so one round trip and no BEGIN/COMMIT: the events go in through a
+# data-modifying CTE, and the deliveries' foreign key to them is checked at the end of the
+# statement, when the CTE's rows are there.
+_INSERT_EVENTS_AND_DELIVERIES = f"""WITH ev AS ({_INSERT_EVENTS})
+    INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
+                            next_attempt_at, claimed_by)
+    SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
+           -- a test delivery is attempted once, by the API: never due for a worker
+           CASE WHEN d.is_test THEN NULL ELSE now() END, $13
+    FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[])
+         AS d(id, webhook_id, account_id, event_id, event_type, is_test)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id"""
+
+
 async def insert_events_and_deliveries(
     conn: Conn,
     events: Sequence[Event],
@@ -67,36 +86,26 @@ async def insert_events_and_deliveries(
     *,
     claimed_by: str | None,
 ) -> set[str]:
-    """Insert events and deliveries in two statements; return the ids of deliveries that are new.
+    """Insert events and deliveries in one statement; return the ids of deliveries that are new.
 
-    Existing rows are left alone, so a redelivered message creates nothing twice. Run it inside
-    a transaction when both must land together.
+    Existing rows are left alone, so a redelivered message creates nothing twice. Being one
+    statement, it commits all or nothing without a transaction around it.
     """
-    if events:
-        await conn.execute(
-            """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                                    $5::text[], $6::bytea[])
-               ON CONFLICT DO NOTHING""",
-            [e.account_id for e in events],
-            [e.id for e in events],
-            [e.mode for e in events],
-            [e.type for e in events],
-            [e.timestamp for e in events],
-            [e.data for e in events],
-        )
+    event_columns = (
+        [e.account_id for e in events],
+        [e.id for e in events],
+        [e.mode for e in events],
+        [e.type for e in events],
+        [e.timestamp for e in events],
+        [e.data for e in events],
+    )
     if not deliveries:
+        if events:
+            await conn.execute(_INSERT_EVENTS, *event_columns)
         return set()
     rows = await conn.fetch(
-        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
-                                   next_attempt_at, claimed_by)
-           SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
-                  -- a test delivery is attempted once, by the API: never due for a worker
-                  CASE WHEN d.is_test THEN NULL ELSE now() END, $7
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
-                AS d(id, webhook_id, account_id, event_id, event_type, is_test)
-           ON CONFLICT (id) DO NOTHING
-           RETURNING id""",
+        _INSERT_EVENTS_AND_DELIVERIES,
+        *event_columns,
         [d.id for d in deliveries],
         [d.webhook_id for d in deliveries],
         [d.event.account_id for d in deliveries],
@@ -109,32 +118,30 @@ async def insert_events_and_deliveries(
 
 
 async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:
-    """Write attempts and update their deliveries, a batch in two statements.
+    """Write attempts and update their deliveries, a batch in one statement.
 
-    A delivery is updated only while it is still pending, so a late duplicate attempt cannot
-    overwrite a final state. A retry releases the claim, so any worker may take it when due.
+    An attempt already recorded (the same delivery and number: a write retried after its
+    commit went through but the answer was lost) is not added twice. A delivery is updated only
+    while it is still pending, so a late duplicate attempt cannot overwrite a final state. A
+    retry releases the claim, so any worker may take it when due.
     """
     if not records:
         return
-    cols = (
-        [r.delivery_id for r in records],
-        [r.number for r in records],
-        [r.attempted_at for r in records],
-        [r.response_status for r in records],
-        [r.response_time_ms for r in records],
-        [r.error_class for r in records],
-        [r.error for r in records],
-        [r.response_body for r in records],
-    )
     await conn.execute(
-        """INSERT INTO delivery_attempts (delivery_id, number, attempted_at, response_status,
-                                          response_time_ms, error_class, error, response_body)
-           SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[], $5::int[],
-                                $6::text[], $7::text[], $8::text[])""",
-        *cols,
-    )
-    await conn.execute(
-        """UPDATE deliveries d SET
+        """WITH u AS (
+               SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[],
+                                    $5::int[], $6::text[], $7::text[], $8::text[], $9::text[],
+                                    $10::timestamptz[])
+                   AS u(id, number, attempted_at, response_status, response_time_ms,
+                        error_class, error, response_body, status, next_attempt_at)),
+           attempt AS (
+               INSERT INTO delivery_attempts (delivery_id, number, attempted_at,
+                                              response_status, response_time_ms, error_class,
+                                              error, response_body)
+               SELECT id, number, attempted_at, response_status, response_time_ms,
+                      error_class, error, response_body FROM u
+               ON CONFLICT DO NOTHING)
+           UPDATE deliveries d SET
                attempts = GREATEST(d.attempts, u.number),
                response_status = u.response_status,
                response_time_ms = u.response_time_ms,
@@ -143,17 +150,16 @@ async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:
                status = u.status,
                next_attempt_at = u.next_attempt_at,
                claimed_by = NULL
-           FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[], $5::int[],
-                       $6::text[], $7::text[], $8::timestamptz[])
-                AS u(id, number, attempted_at, response_status, response_time_ms, error,
-                     status, next_attempt_at)
+           FROM u
            WHERE d.id = u.id AND d.status = 'pending'""",
-        cols[0],
-        cols[1],
-        cols[2],
-        cols[3],
-        cols[4],
-        cols[6],
+        [r.delivery_id for r in records],
+        [r.number for r in records],
+        [r.attempted_at for r in records],
+        [r.response_status for r in records],
+        [r.response_time_ms for r in records],
+        [r.error_class for r in records],
+        [r.error for r in records],
+        [r.response_body for r in records],
         [r.status for r in records],
         [r.next_attempt_at for r in records],
     )

@@ -2,13 +2,13 @@
 
 Messages are taken in batches: whatever arrived while the previous batch was being written
 forms the next one, so an idle worker handles each message at once and a busy one writes
-hundreds per transaction. For each batch, in order:
+hundreds per statement. For each batch, in order:
 
 1. parse and validate every message (`engine.core.events.parse_event`);
 2. republish the invalid ones to the dead-letter exchange with `x-cargolint-reason` (publisher
    confirms, so they are safely there before they are acked);
 3. match the valid ones against the subscription cache and insert their events and deliveries
-   in one transaction, claimed by this worker (retried while Postgres is down);
+   in one statement, claimed by this worker (retried while Postgres is down);
 4. acknowledge the batch — one multiple-ack per channel — now that what it caused is durable;
 5. hand the deliveries that are new to the dispatcher.
 
@@ -227,7 +227,8 @@ class Consumer:
         self, events: list[Event], deliveries: list[NewDelivery], hold: bool
     ) -> tuple[set[str], dict[str, int]]:
         """Insert; return the new delivery ids, and the existing ones taken up again."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        # No transaction: the insert is one statement, and retaking is safe to run again.
+        async with self._pool.acquire() as conn:
             new_ids = await insert_events_and_deliveries(
                 conn, events, deliveries, claimed_by=self._worker_id if hold else None
             )

@@ -1,6 +1,6 @@
 """Recording attempts: batched writes of what each attempt came to and what happens next.
 
-Attempts are queued in memory and written in batches, one transaction per batch: whatever
+Attempts are queued in memory and written in batches, one statement per batch: whatever
 arrived while the previous batch was being written goes in the next one, so batches grow with
 load and an idle worker writes each attempt at once. A failed attempt with attempts left gets
 `next_attempt_at` from the retry schedule (Retry-After honoured) and loses its claim, so any
@@ -135,7 +135,9 @@ class Recorder:
 
     async def _write(self, records: list[AttemptRecord], gone: list[str]) -> None:
         async def write() -> None:
-            async with self._pool.acquire() as conn, conn.transaction():
+            # No transaction: each statement commits on its own and may be run again (a
+            # retried write adds no attempt twice), and the two concern different deliveries.
+            async with self._pool.acquire() as conn:
                 await record_attempts(conn, records)
                 await end_deliveries(conn, gone, error=GONE)
 
