@@ -18,15 +18,6 @@ from tests.chaos.receivers import CountingReceiver
 from tests.chaos.run import ChaosRun, Report, StreamPublisher, queue_depths, scale
 
 LEASE = 3.0  # CARGOLINT_WORKER_LEASE in these runs (tests.chaos.run.WORKER_ENV)
-OUTLIVES_LEASE = pytest.mark.xfail(
-    reason=(
-        "worker bug (engine/store/queue.claim_due): when an outage outlasts the worker lease, "
-        "the worker's own poller re-claims deliveries it still holds in memory (its heartbeat "
-        "lapsed, so its claims count as void) and sends them again; the second attempt is "
-        "recorded with the same number, so deliveries.attempts disagrees with its attempt rows"
-    ),
-    strict=False,
-)
 
 
 @pytest.mark.parametrize(
@@ -102,12 +93,14 @@ async def _all_succeeded(run: ChaosRun, total: int) -> bool:
     return (await run.statuses()).get("succeeded", 0) >= total
 
 
-@OUTLIVES_LEASE
 async def test_an_outage_longer_than_the_lease_does_not_resend_what_a_worker_holds(
     stack: Stack, counting_receiver: CountingReceiver
 ) -> None:
     """A slow receiver keeps a backlog in the worker's memory while Postgres is down for two
-    leases; once it is back, nothing the worker already holds may be sent a second time."""
+    leases; once it is back, nothing the worker already holds may be sent a second time.
+
+    This found claim_due re-claiming a worker's own rows once its heartbeat had lapsed (fixed
+    in b8d3ab0)."""
     total = scale(1000)
     run = ChaosRun(stack.pg, stack.rabbit.url, stack.ca_file, stack.logdir)
     await run.setup([counting_receiver.url])
