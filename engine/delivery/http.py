@@ -23,6 +23,7 @@ from engine.settings import Settings
 __all__ = ["BODY_CAP", "Outcome", "Sender"]
 
 BODY_CAP = 4096
+_CHECKED_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,8 @@ class Sender:
         self._settings = settings
         self._own_session = session is None
         self._session = session or self._make_session(settings)
+        # URL → the refusal of its literal host, or None: a pure function of the URL.
+        self._checked: dict[str, BlockedAddressError | None] = {}
 
     @staticmethod
     def _make_session(settings: Settings) -> aiohttp.ClientSession:
@@ -94,7 +97,7 @@ class Sender:
             return int((time.monotonic() - started) * 1000)
 
         try:
-            check_host(urlsplit(url).hostname or "", self._settings.allowed_networks)
+            self._check_host(url)
             async with self._session.post(
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
@@ -130,6 +133,22 @@ class Sender:
                 retry_after,
             )
         return Outcome(False, status, elapsed(), "http_status", f"HTTP {status}", text, retry_after)
+
+
+    def _check_host(self, url: str) -> None:
+        try:
+            refused = self._checked[url]
+        except KeyError:
+            refused = None
+            try:
+                check_host(urlsplit(url).hostname or "", self._settings.allowed_networks)
+            except BlockedAddressError as exc:
+                refused = exc
+            if len(self._checked) >= _CHECKED_MAX:
+                self._checked.clear()
+            self._checked[url] = refused
+        if refused is not None:
+            raise BlockedAddressError(*refused.args)
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> str:
