@@ -134,7 +134,6 @@ class Sender:
             )
         return Outcome(False, status, elapsed(), "http_status", f"HTTP {status}", text, retry_after)
 
-
     def _check_host(self, url: str) -> None:
         try:
             refused = self._checked[url]
