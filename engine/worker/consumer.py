@@ -1,16 +1,18 @@
 """Consuming: events from RabbitMQ → validated, matched, recorded, acknowledged, dispatched.
 
 Messages are taken in batches: whatever arrived while the previous batch was being written
-forms the next one, so an idle worker handles each message at once and a busy one writes
-hundreds per statement. For each batch, in order:
+forms the next one (under a steady flow, after a wait of GATHER for company), so an idle worker
+handles each message at once and a busy one writes hundreds per statement. For each batch, in order:
 
 1. parse and validate every message (`engine.core.events.parse_event`);
 2. republish the invalid ones to the dead-letter exchange with `x-cargolint-reason` (publisher
    confirms, so they are safely there before they are acked);
 3. match the valid ones against the subscription cache and insert their events and deliveries
    in one statement, claimed by this worker (retried while Postgres is down);
-4. acknowledge the batch — one multiple-ack per channel — now that what it caused is durable;
-5. hand the deliveries that are new to the dispatcher.
+4. hand the deliveries that are new to the dispatcher;
+5. acknowledge — one multiple-ack per channel for this batch and the ones before it, once
+   `ACK_EVERY` messages wait or `ACK_DELAY` after the first: at a paced rate batches are a
+   message or two, and an ack each would cost the broker and us more than the rest of it.
 
 A message is acked only after step 3 commits. If the broker connection drops first, the
 messages come back and their deliveries are found already there (their ids are derived from
@@ -22,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -66,6 +68,14 @@ DEAD_EXCHANGE = "cargolint.events.dlx"
 DEAD_QUEUE = "cargolint.webhooks.dead"
 REASON_HEADER = "x-cargolint-reason"
 BATCH_MAX = 500
+# Under a steady flow (a batch taken within STREAM_GAP) a small batch waits GATHER for more
+# messages before it is written: a write costs about the same for one message as for ten.
+GATHER = 0.002
+GATHER_ENOUGH = 50
+STREAM_GAP = 0.05
+# Acks wait for company this long at most (they hold prefetch slots meanwhile, nothing else).
+ACK_DELAY = 0.02
+ACK_EVERY = 200
 
 # The broker went away under us: the batch's messages will be redelivered.
 _BROKER_LOST = (
@@ -115,6 +125,12 @@ class Consumer:
         self._consumer_tag: str | None = None
         self._buffer: list[AbstractIncomingMessage] = []
         self._arrived = asyncio.Event()
+        # Messages whose effects are durable, to be acked together (in delivery order).
+        self._unacked: list[AbstractIncomingMessage] = []
+        self._ack_every = max(1, min(ACK_EVERY, settings.prefetch // 4))
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_due = False
+        self._last_batch_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -139,7 +155,9 @@ class Consumer:
         await channel.set_qos(prefetch_count=self._settings.prefetch)
         self._queue = await channel.get_queue(QUEUE)
         self._task = asyncio.create_task(self._run(), name="consumer")
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        # A plain function, not a coroutine: aio-pika then runs it without a task per message.
+        on_message = cast("Callable[[AbstractIncomingMessage], Awaitable[None]]", self._on_message)
+        self._consumer_tag = await self._queue.consume(on_message)
         self._metrics.consumer_up.set(1)
         log.info("consuming", extra={"queue": QUEUE, "prefetch": self._settings.prefetch})
 
@@ -152,30 +170,62 @@ class Consumer:
         if not self._stopping:
             log.warning("connection to RabbitMQ lost; reconnecting")
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._buffer.append(message)
         self._arrived.set()
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self._ack_due = True
+        self._arrived.set()
+
+    async def _flush_acks(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._ack_due = False
+        unacked, self._unacked = self._unacked, []
+        if unacked:
+            await _ack(unacked)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             await self._arrived.wait()
+            if (
+                self._buffer
+                and len(self._buffer) < GATHER_ENOUGH
+                and loop.time() - self._last_batch_at < STREAM_GAP
+            ):
+                await asyncio.sleep(GATHER)
             batch = self._buffer[:BATCH_MAX]
             del self._buffer[:BATCH_MAX]
             if not self._buffer:
                 self._arrived.clear()
             if batch:
-                try:
-                    await self._process(batch, loop.time())
-                except _BROKER_LOST as exc:
-                    log.warning(
-                        "broker connection lost mid-batch; its messages will be redelivered",
-                        extra={"messages": len(batch), "error": repr(exc)},
-                    )
-                except Exception:  # a bug in one batch must not stop consuming
-                    log.exception("batch failed; returning its messages to the queue")
-                    await asyncio.sleep(1.0)  # no hot loop if it fails again
-                    await _nack(batch)
+                self._last_batch_at = loop.time()
+                await self._take(batch, loop.time())
+            if self._ack_due or len(self._unacked) >= self._ack_every:
+                await self._flush_acks()
+            elif self._unacked and self._ack_timer is None:
+                self._ack_timer = loop.call_later(ACK_DELAY, self._on_ack_timer)
+        await self._flush_acks()
+
+    async def _take(self, batch: list[AbstractIncomingMessage], now: float) -> None:
+        """Process one batch and queue its acks; on failure its messages go back to the queue."""
+        try:
+            await self._process(batch, now)
+        except _BROKER_LOST as exc:
+            log.warning(
+                "broker connection lost mid-batch; its messages will be redelivered",
+                extra={"messages": len(batch), "error": repr(exc)},
+            )
+        except Exception:  # a bug in one batch must not stop consuming
+            log.exception("batch failed; returning its messages to the queue")
+            await asyncio.sleep(1.0)  # no hot loop if it fails again
+            await _nack(batch)
+        else:
+            self._unacked.extend(batch)
 
     async def _process(self, batch: Sequence[AbstractIncomingMessage], now: float) -> None:
         events: list[Event] = []
@@ -205,7 +255,6 @@ class Consumer:
                 what="record new deliveries",
             )
 
-        await _ack(batch)
         self._metrics.events_consumed.labels("accepted").inc(len(events))
         if invalid:
             self._metrics.events_consumed.labels("dead_lettered").inc(len(invalid))
