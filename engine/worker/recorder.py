@@ -1,8 +1,9 @@
 """Recording attempts: batched writes of what each attempt came to and what happens next.
 
 Attempts are queued in memory and written in batches, one statement per batch: whatever
-arrived while the previous batch was being written goes in the next one, so batches grow with
-load and an idle worker writes each attempt at once. A failed attempt with attempts left gets
+arrived while the previous batch was being written goes in the next one (under a steady flow,
+after a wait of GATHER for company), so batches grow with load and an idle worker writes each
+attempt at once. A failed attempt with attempts left gets
 `next_attempt_at` from the retry schedule (Retry-After honoured) and loses its claim, so any
 worker's poller may take it when due; after the last attempt the delivery is `failed`.
 """
@@ -31,6 +32,11 @@ __all__ = ["GONE", "Recorder"]
 log = logging.getLogger(__name__)
 
 GONE = "webhook deleted or inactive"
+# As in the consumer: under a steady flow a small batch waits a little for company. Nobody
+# waits on these writes but the deliveries' records, so the wait may be longer.
+GATHER = 0.005
+GATHER_ENOUGH = 50
+STREAM_GAP = 0.05
 
 
 def _clean(text: str | None) -> str | None:
@@ -114,8 +120,16 @@ class Recorder:
         self._pending.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_batch_at = float("-inf")
         while True:
             await self._pending.wait()
+            if (
+                len(self._records) + len(self._gone) < GATHER_ENOUGH
+                and loop.time() - last_batch_at < STREAM_GAP
+            ):
+                await asyncio.sleep(GATHER)
+            last_batch_at = loop.time()
             self._pending.clear()
             records, self._records = self._records, []
             gone, self._gone = self._gone, []
