@@ -19,6 +19,7 @@ from engine.core.events import Event
 from engine.core.ids import delivery_id, new_id
 from engine.core.payload import build_body, sample_data
 from engine.core.signing import request_headers
+from engine.core.times import rfc3339
 from engine.store import deliveries, webhooks
 
 __all__ = ["MAX_BODY", "routes"]
@@ -68,12 +69,6 @@ def _webhook_id(request: web.Request) -> str:
 
 def _not_found(webhook_id: str) -> ApiError:
     return ApiError(404, "not_found", f"webhook {webhook_id[:80]} not found")
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
-        f"{value.microsecond // 1000:03d}Z"
-    )
 
 
 async def create_webhook(request: web.Request) -> web.Response:
@@ -175,7 +170,7 @@ async def test_webhook(request: web.Request) -> web.Response:
         type=event_type,
         account_id=target.account_id,
         mode=target.mode,
-        timestamp=_rfc3339(datetime.now(UTC)),
+        timestamp=rfc3339(datetime.now(UTC)),
         data=orjson.dumps(sample_data(event_type)),
     )
     dlv_id = delivery_id(target.id, target.account_id, event.id)

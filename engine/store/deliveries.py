@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
 
 from engine.core.events import Event
+from engine.core.times import rfc3339
 
 __all__ = [
     "AttemptRecord",
@@ -193,11 +194,8 @@ async def count_deliveries(conn: Conn, webhook_id: str) -> int:
     return total
 
 
-def _rfc3339(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+def _optional_rfc3339(value: datetime | None) -> str | None:
+    return None if value is None else rfc3339(value)
 
 
 def delivery_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -212,7 +210,7 @@ def delivery_json(row: asyncpg.Record) -> dict[str, Any]:
         "responseStatus": row["response_status"],
         "responseTimeMs": row["response_time_ms"],
         "error": row["error"],
-        "createdAt": _rfc3339(row["created_at"]),
-        "lastAttemptAt": _rfc3339(row["last_attempt_at"]),
-        "nextAttemptAt": _rfc3339(row["next_attempt_at"]),
+        "createdAt": rfc3339(row["created_at"]),
+        "lastAttemptAt": _optional_rfc3339(row["last_attempt_at"]),
+        "nextAttemptAt": _optional_rfc3339(row["next_attempt_at"]),
     }

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import asyncpg
 
 from engine.core.crypto import SecretBox, new_webhook_secret
 from engine.core.ids import new_id
+from engine.core.times import rfc3339
 from engine.store.db import NOTIFY_CHANNEL
 
 __all__ = [
@@ -67,11 +67,6 @@ class WebhookTarget:
     active: bool
 
 
-def _rfc3339(value: datetime) -> str:
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
 def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str, Any]:
     """The webhook object of CONTRACT §1; `secret` only for the create response."""
     body: dict[str, Any] = {
@@ -80,8 +75,8 @@ def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str,
         "events": list(row["events"]),
         "active": row["active"],
         "description": row["description"],
-        "createdAt": _rfc3339(row["created_at"]),
-        "updatedAt": _rfc3339(row["updated_at"]),
+        "createdAt": rfc3339(row["created_at"]),
+        "updatedAt": rfc3339(row["updated_at"]),
     }
     if secret is not None:
         body["secret"] = secret
