@@ -246,3 +246,18 @@ def test_token_bucket() -> None:
     assert bucket.try_take(10.0) == 0.0  # refills to burst, no more
     assert bucket.try_take(10.0) == 0.0
     assert bucket.try_take(10.0) > 0
+
+
+def test_secret_box_remembers_opened_tokens_and_still_refuses_unknown_keys() -> None:
+    from cryptography.fernet import Fernet
+
+    from engine.core.crypto import SecretBox
+
+    key = Fernet.generate_key().decode()
+    box = SecretBox((key,))
+    sealed = box.seal("whsec_live_" + "s" * 40)
+    assert box.open(sealed) == "whsec_live_" + "s" * 40
+    assert box.open(sealed) == "whsec_live_" + "s" * 40  # from memory the second time
+    other = SecretBox((Fernet.generate_key().decode(),))
+    with pytest.raises(ValueError, match="CARGOLINT_SECRET_KEY"):
+        other.open(sealed)
