@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
         "--header",
         f"X-API-Key: {account.key}",
         "--max-examples",
-        "15",
+        # Many examples per operation in CI (issue 5); override for a quicker local run.
+        os.environ.get("CARGOLINT_SCHEMATHESIS_EXAMPLES", "60"),
         "--checks",
         "all",
         # A schema-valid URL may still be refused (url_not_allowed for a host such as `0`),
@@ -88,7 +90,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=100)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=400)
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-6000:]
     assert "passed" in text
