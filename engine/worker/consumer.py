@@ -305,11 +305,11 @@ class Consumer:
                 what="record new deliveries",
             )
 
-        self._metrics.events_consumed.labels("accepted").inc(len(events))
+        self._metrics.events_consumed_by("accepted").inc(len(events))
         if invalid:
-            self._metrics.events_consumed.labels("dead_lettered").inc(len(invalid))
+            self._metrics.events_consumed_by("dead_lettered").inc(len(invalid))
         for dlv in new_ids:
-            self._metrics.deliveries_created.labels(deliveries[dlv].event.type).inc()
+            self._metrics.deliveries_created_by(deliveries[dlv].event.type).inc()
         if hold and (new_ids or retaken):
             self._dispatcher.submit(
                 Job(d.id, d.webhook_id, d.event, 1, now)
@@ -366,7 +366,7 @@ class Consumer:
             app_id=props.app_id,
         )
         await self._dead.publish(copy, routing_key=message.routing_key or "")
-        self._metrics.events_dead_lettered.labels(error.reason).inc()
+        self._metrics.events_dead_lettered_by(error.reason).inc()
         log.warning(
             "message dead-lettered",
             extra={"reason": reason, "routing_key": message.routing_key},

@@ -89,6 +89,9 @@ class Dispatcher:
         self._sweeper: asyncio.Task[None] | None = None
         # Bound on jobs held in memory; beyond it new work stays in Postgres for the poller.
         self.capacity = max(10_000, 20 * settings.max_in_flight)
+        # Read when scraped, not set per attempt.
+        metrics.in_flight.set_function(lambda: len(self._attempts))
+        metrics.queued.set_function(lambda: self._queued)
 
     @property
     def queued(self) -> int:
@@ -116,7 +119,6 @@ class Dispatcher:
                 self._recorder.gone(job)
                 continue
             self._enqueue(self._key(target.url), job)
-        self._metrics.queued.set(self._queued)
 
     def forget(self, delivery_ids: Iterable[str]) -> None:
         """The outcomes of these deliveries are written: they are no longer held here."""
@@ -145,7 +147,7 @@ class Dispatcher:
 
     async def _pump(self, ep: _Endpoint) -> None:
         """Start the endpoint's queued attempts as its limits and the global bound allow."""
-        waits = self._metrics.rate_limit_waits
+        waits = self._metrics.rate_limit_waits_by
         try:
             while ep.queue and not self._stopping:
                 job = ep.queue[0]
@@ -159,17 +161,17 @@ class Dispatcher:
                         self._enqueue(self._key(target.url), job)
                     continue
                 if ep.active >= self._settings.endpoint_concurrency:
-                    waits.labels("concurrency").inc()
+                    waits("concurrency").inc()
                     ep.slot_freed.clear()
                     await ep.slot_freed.wait()
                     continue
                 wait = ep.bucket.try_take(self._clock())
                 if wait > 0:
-                    waits.labels("rate").inc()
+                    waits("rate").inc()
                     await asyncio.sleep(wait)
                     continue
                 if self._global.locked():
-                    waits.labels("global").inc()
+                    waits("global").inc()
                 await self._global.acquire()
                 if self._stopping:
                     self._global.release()
@@ -182,8 +184,6 @@ class Dispatcher:
                 task = asyncio.create_task(self._attempt(ep, job))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
-                self._metrics.in_flight.set(len(self._attempts))
-                self._metrics.queued.set(self._queued)
         finally:
             ep.pump = None
 
@@ -202,7 +202,6 @@ class Dispatcher:
             ep.active -= 1
             ep.slot_freed.set()
             self._global.release()
-            self._metrics.in_flight.set(len(self._attempts) - 1)
 
     async def _sweep(self) -> None:
         while True:

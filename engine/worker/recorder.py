@@ -66,14 +66,14 @@ class Recorder:
     def attempted(self, job: Job, outcome: Outcome, attempted_at: datetime) -> None:
         """Queue the record of one finished attempt."""
         event_type = job.event.type
-        self._metrics.attempts.labels(event_type, outcome.error_class or "success").inc()
+        self._metrics.attempts_by(event_type, outcome.error_class or "success").inc()
         self._metrics.attempt_duration.observe(outcome.elapsed_ms / 1000)
         ids = {"delivery_id": job.delivery_id, "webhook_id": job.webhook_id}
         ids["event_id"] = job.event.id
         next_at: datetime | None = None
         if outcome.succeeded:
             status = "succeeded"
-            self._metrics.deliveries.labels(event_type, "succeeded").inc()
+            self._metrics.deliveries_by(event_type, "succeeded").inc()
             log.debug("delivered", extra={**ids, "attempt": job.attempt})
         else:
             delay = next_delay(
@@ -82,12 +82,12 @@ class Recorder:
             extra = {**ids, "attempt": job.attempt, "error": outcome.error}
             if delay is None:
                 status = "failed"
-                self._metrics.deliveries.labels(event_type, "failed").inc()
+                self._metrics.deliveries_by(event_type, "failed").inc()
                 log.warning("delivery failed after its last attempt", extra=extra)
             else:
                 status = "pending"
                 next_at = attempted_at + timedelta(seconds=delay)
-                self._metrics.retries_scheduled.labels(event_type).inc()
+                self._metrics.retries_scheduled_by(event_type).inc()
                 log.info("attempt failed; retry scheduled", extra={**extra, "retry_in_s": delay})
         self._records.append(
             AttemptRecord(
@@ -107,7 +107,7 @@ class Recorder:
 
     def gone(self, job: Job) -> None:
         """End a delivery whose webhook is deleted or inactive, without an attempt."""
-        self._metrics.deliveries.labels(job.event.type, "failed").inc()
+        self._metrics.deliveries_by(job.event.type, "failed").inc()
         log.info(
             "delivery ended: webhook deleted or inactive",
             extra={"delivery_id": job.delivery_id, "webhook_id": job.webhook_id},
