@@ -35,16 +35,20 @@ async def check_destination(url: str, allowed: Iterable[IPNetwork]) -> None:
     """
     allowed = tuple(allowed)
     parts = urlsplit(url)
-    host = parts.hostname or ""
+    # A fully qualified name's final dot leads to the same place: `127.0.0.1.` and `localhost.`
+    # are judged as `127.0.0.1` and `localhost` (as browsers' URL parsers read them).
+    host = (parts.hostname or "").removesuffix(".")
     literal = host_ip(host)
     if literal is not None:
         if reason := blocked_reason(literal, allowed):
             raise _not_allowed(reason)
         return
     try:
-        host.encode("idna")
+        valid = bool(host.encode("idna"))
     except UnicodeError:
-        raise bad_request("invalid_url", "url host is not a valid host name", "url") from None
+        valid = False
+    if not valid:
+        raise bad_request("invalid_url", "url host is not a valid host name", "url")
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(RESOLVE_TIMEOUT):

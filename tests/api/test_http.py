@@ -46,6 +46,11 @@ async def strict_api(api_settings: Settings, pool: asyncpg.Pool[Any]) -> AsyncIt
         "https://127.1/hook",
         "https://[fe80::1]/hook",
         "https://[fc00::1]/hook",
+        # A final dot names the same host.
+        "https://127.0.0.1./hook",
+        "https://2130706433./hook",
+        "https://localhost./hook",
+        "https://LOCALHOST.:9000/hook",
     ],
 )
 async def test_blocked_destinations_are_refused(
