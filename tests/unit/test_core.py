@@ -64,6 +64,9 @@ def test_mode_defaults_to_live() -> None:
         (message(mode="staging"), "schema_invalid"),
         (message(timestamp="yesterday"), "schema_invalid"),
         (message(id=""), "schema_invalid"),
+        # Postgres text cannot hold NUL: such an id could never be stored.
+        (message(id="evt_\x00"), "schema_invalid"),
+        (message(accountId="acct_\x00"), "schema_invalid"),
         (message(data={"document": {"id": "d"}}), "schema_invalid"),
         (message(event="compliance.warning"), "schema_invalid"),  # no warnings
         (b'{"pad": "' + b"x" * (256 * 1024) + b'"}', "too_large"),

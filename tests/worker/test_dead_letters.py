@@ -93,3 +93,35 @@ async def test_invalid_messages_are_dead_lettered_while_valid_ones_flow(
     later = make_event(account)
     await publisher.publish(later)
     await receiver.wait_for(5)
+
+
+async def test_an_event_id_postgres_cannot_store_is_dead_lettered_not_retried_forever(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # Valid JSON and a string id, but Postgres text cannot hold NUL: accepted, its insert would
+    # fail on every redelivery and take the valid messages of its batch down with it.
+    account = await make_account(pool)
+    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
+    await cached(worker, webhook_id)
+    run = random_token(8)
+    poison = make_event(account, event_id=f"evt_{run}\x00x")
+    good = make_event(account)
+    await publisher.publish(orjson.dumps(poison), "document.uploaded", message_id=f"{run}-nul")
+    await publisher.publish(good)
+
+    await receiver.wait_for(1)
+    await wait_final(pool, [dlv(webhook_id, account, good)])
+    assert publisher.channel is not None
+    queue = await publisher.channel.declare_queue(DEAD_QUEUE, durable=True)
+    async with asyncio.timeout(10):
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                if message.message_id == f"{run}-nul":
+                    break
+    headers = message.headers or {}
+    assert str(headers[REASON_HEADER]).startswith("schema_invalid: id: "), headers
