@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
-
-import orjson
 
 from engine import __version__
 from engine.logs import setup_logging
@@ -55,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+    # The stdlib's spacing, as CONTRACT §5 and the README print it: {"accountId": …, "apiKey": …}
+    sys.stdout.write(json.dumps(value) + "\n")
 
 
 async def _migrate(settings: Settings, _: argparse.Namespace) -> int:

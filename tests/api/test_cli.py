@@ -37,6 +37,8 @@ async def test_accounts_and_keys_from_the_command_line(
     assert code == 0, err
     created: dict[str, Any] = orjson.loads(out)
     assert set(created) == {"accountId", "apiKey"}
+    # Exactly as the contract shows it: one line, the keys in this order, the stdlib's spacing.
+    assert out == f'{{"accountId": "{created["accountId"]}", "apiKey": "{created["apiKey"]}"}}\n'
     assert created["accountId"].startswith("acct_")
     assert created["apiKey"].startswith("sk_test_")  # mode defaults to test
     assert len(created["apiKey"]) >= len("sk_test_") + 32
@@ -47,6 +49,7 @@ async def test_accounts_and_keys_from_the_command_line(
     )
     assert code == 0, err
     key: dict[str, Any] = orjson.loads(out)
+    assert out == f'{{"accountId": "{key["accountId"]}", "apiKey": "{key["apiKey"]}"}}\n'
     assert key["accountId"] == created["accountId"]
     assert key["apiKey"].startswith("sk_live_")
 
