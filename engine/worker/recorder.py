@@ -86,7 +86,11 @@ class Recorder:
                 log.warning("delivery failed after its last attempt", extra=extra)
             else:
                 status = "pending"
-                next_at = attempted_at + timedelta(seconds=delay)
+                # The wait counts from the failure, when the answer came or the attempt gave
+                # up: Retry-After is relative to the response, and after a timeout longer than
+                # the scheduled wait the retry must not be due at once.
+                failed_at = attempted_at + timedelta(milliseconds=outcome.elapsed_ms)
+                next_at = failed_at + timedelta(seconds=delay)
                 self._metrics.retries_scheduled_by(event_type).inc()
                 log.info("attempt failed; retry scheduled", extra={**extra, "retry_in_s": delay})
         self._records.append(

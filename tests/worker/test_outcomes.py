@@ -231,3 +231,47 @@ async def test_429_with_retry_after_waits_longer_than_the_schedule(
     attempts = await _attempts(pool, delivery_id)
     assert attempts[0]["response_status"] == 429
     assert orjson.loads(second.body)["deliveryId"] == delivery_id
+
+
+async def test_retry_after_counts_from_the_response_not_the_request(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # A receiver that takes 0.6 s to say "retry after 1 s" must not hear from us 0.4 s later.
+    async def slow_limited(_: web.Request, __: bytes) -> web.Response:
+        if len(receiver.requests) == 1:
+            await asyncio.sleep(0.6)
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(status=200)
+
+    receiver.handler = slow_limited
+    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    assert row["status"] == "succeeded"
+    first, second = receiver.requests
+    assert second.at - (first.at + 0.6) >= 1.0
+
+
+async def test_the_schedule_counts_from_a_timeout_not_from_the_request(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # The delivery timeout is 1 s and the schedule's first wait 0.2 s: the retry comes 0.2 s
+    # after the attempt gave up, not at once because 0.2 s after its start has long passed.
+    async def hangs_once(_: web.Request, __: bytes) -> web.Response:
+        if len(receiver.requests) == 1:
+            await asyncio.sleep(2.0)
+        return web.Response(status=200)
+
+    receiver.handler = hangs_once
+    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    assert row["status"] == "succeeded"
+    first, second = receiver.requests
+    assert second.at - first.at >= wsettings.delivery_timeout + wsettings.retry_schedule[0]
