@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -20,6 +21,19 @@ POSTGRES_HINT = (
     "'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'"
 )
 RABBITMQ_HINT = "RabbitMQ is not reachable at {where}; start it with 'rabbitmq-server -detached'"
+
+
+_PLAN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+def _plan(value: str) -> str:
+    """Any plan name (webhooks are for business and enterprise only), as a lowercase name."""
+    plan = value.strip().lower()
+    if not _PLAN.fullmatch(plan):
+        raise argparse.ArgumentTypeError(
+            f"invalid plan {value!r}: a name such as business, enterprise or starter"
+        )
+    return plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = accounts.add_parser("create", help="create an account and its first API key")
     create.add_argument("--name", required=True)
-    create.add_argument("--plan", required=True, choices=["starter", "business", "enterprise"])
+    create.add_argument(
+        "--plan",
+        required=True,
+        type=_plan,
+        help="the account's plan; only business and enterprise accounts may use webhooks",
+    )
     create.add_argument("--mode", default="test", choices=["test", "live"])
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.api.conftest import Client
 
@@ -64,6 +65,21 @@ async def test_accounts_and_keys_from_the_command_line(
     assert (status, body["total"]) == (200, 0)
 
 
+@pytest.mark.parametrize("plan", ["free", "Pro"])
+async def test_any_other_plan_can_be_created_and_is_refused_by_the_api(
+    database_url: str, api: str, http: aiohttp.ClientSession, plan: str
+) -> None:
+    # The contract names only the plans with webhooks: whatever the others are called, an
+    # operator can create such an account, and its key gets 403 plan_required.
+    code, out, err = await run_cli(
+        database_url, "accounts", "create", "--name", "Other", "--plan", plan
+    )
+    assert code == 0, err
+    created = orjson.loads(out)
+    status, body, _ = await Client(http, api, created["apiKey"]).call("GET", "/api/v1/webhooks")
+    assert (status, body["error"]["code"]) == (403, "plan_required")
+
+
 async def test_starter_account_key_is_refused_by_the_api(
     database_url: str, api: str, http: aiohttp.ClientSession
 ) -> None:
@@ -82,10 +98,10 @@ async def test_cli_errors(database_url: str) -> None:
     assert (code, out) == (1, "")
     assert "acct_missing does not exist" in err
     code, _, err = await run_cli(
-        database_url, "accounts", "create", "--name", "X", "--plan", "gold"
+        database_url, "accounts", "create", "--name", "X", "--plan", "gold plated"
     )
     assert code == 2
-    assert "invalid choice" in err
+    assert "invalid plan" in err
 
 
 async def test_migrate_is_idempotent(database_url: str) -> None:

@@ -136,7 +136,7 @@ async def test_migration_0003_keeps_the_first_of_duplicate_attempts() -> None:
                           ('dlv_1', 2, now(), 'second'), ('dlv_1', 1, now(), 'copy')"""
             )
 
-            assert await migrate(url) == ["0003_attempt_number", "0004_attempts_keyed_by_number"]
+            assert await migrate(url) == [m for m, _ in migration_files() if m >= "0003"]
 
             rows = await conn.fetch("SELECT number, error FROM delivery_attempts ORDER BY number")
             assert [(r["number"], r["error"]) for r in rows] == [(1, "first"), (2, "second")]
