@@ -141,8 +141,10 @@ def _page_param(query: MultiMapping[str], name: str, default: int, low: int, hig
     values = query.getall(name, [])
     if not values:
         return default
+    if len(values) > 1:
+        raise ApiError(400, "invalid_pagination", f"{name} must be given at most once", name)
     raw = values[0]
-    if len(values) > 1 or not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
+    if not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
         raise ApiError(
             400,
             "invalid_pagination",

@@ -151,6 +151,14 @@ def test_parse_page_refuses(query: list[tuple[str, str]], field: str) -> None:
     )
 
 
+def test_a_repeated_page_parameter_is_named_as_repeated() -> None:
+    # limit=20&limit=30: each value is fine, so the message must not blame the first one.
+    with pytest.raises(ApiError) as caught:
+        parse_page(MultiDict([("limit", "20"), ("limit", "30")]))
+    assert caught.value.field == "limit"
+    assert caught.value.message == "limit must be given at most once"
+
+
 @pytest.mark.parametrize(
     ("value", "matches"),
     [
