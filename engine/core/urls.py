@@ -37,6 +37,9 @@ _SPECIAL: tuple[tuple[IPNetwork, str], ...] = (
     (ipaddress.ip_network("5f00::/16"), "reserved"),
 )
 _NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")
+# The ASCII a host name may hold (letters, digits, hyphen, dot, and the underscore some real
+# names carry); anything else ASCII (`<`, `%`, `!`, …) names no host. Non-ASCII is IDN.
+_HOST_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
 class UrlError(ValueError):
@@ -68,6 +71,10 @@ def check_url(url: str, *, allow_http: bool) -> str:
         raise UrlError("url must have a host")
     if "@" in parts.netloc:
         raise UrlError("url must not contain user information")
+    if not parts.netloc.startswith("[") and any(
+        c.isascii() and c not in _HOST_ASCII for c in parts.hostname
+    ):
+        raise UrlError("url host is not a valid host name")
     if "#" in url:
         raise UrlError("url must not contain a fragment")
     if port == 0:

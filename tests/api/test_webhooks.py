@@ -313,6 +313,7 @@ GOOD = {"url": HOOK, "events": ["document.uploaded"]}
         ({**GOOD, "url": "https://example.com:99999/"}, "invalid_url", "url"),
         ({**GOOD, "url": "https://a..b/"}, "invalid_url", "url"),
         ({**GOOD, "url": "https://./"}, "invalid_url", "url"),
+        ({**GOOD, "url": "https://exa<mple.com/"}, "invalid_url", "url"),
         ({**GOOD, "url": "https://" + "a" * 70 + ".com/"}, "invalid_url", "url"),
         ({**GOOD, "url": "https://10.0.0.1/hook"}, "url_not_allowed", "url"),
         ({**GOOD, "url": "https://169.254.169.254/latest"}, "url_not_allowed", "url"),

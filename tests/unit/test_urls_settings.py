@@ -16,6 +16,10 @@ from engine.settings import Settings, SettingsError
         "https://example.com/hook",
         "https://example.com:8443/a/b?c=d",
         "https://[2001:db8::1]/x",
+        "https://[fe80::1%25eth0]/x",
+        "https://my_hooks.example.com/x",
+        "https://exämple.com/x",
+        "HTTPS://EXAMPLE.COM./x",
     ],
 )
 def test_check_url_accepts(url: str) -> None:
@@ -34,6 +38,9 @@ def test_check_url_accepts(url: str) -> None:
         ("https://example.com/" + "a" * 2048, False, "2048"),
         ("https://exa mple.com/", False, "whitespace"),
         ("https://example.com:99999/", False, "malformed"),
+        ("https://exa<mple.com/", False, "host name"),
+        ("https://exa%41mple.com/", False, "host name"),
+        ("https://exa!mple.com:8443/", False, "host name"),
     ],
 )
 def test_check_url_rejects(url: str, allow_http: bool, fragment: str) -> None:
