@@ -48,7 +48,7 @@ class Settings:
     poll_interval: float = 0.5
     worker_lease: float = 15.0
     cache_reload_interval: float = 60.0
-    max_webhooks_per_account: int = 100
+    max_webhooks_per_account: int = 1000
     api_rate_limit: float = 100.0
     api_rate_burst: int = 500
     log_level: str = "INFO"
