@@ -217,3 +217,14 @@ async def cached(worker: Any, *webhook_ids: str, timeout: float = 2.0) -> None:
         return all(worker.cache.get(w) is not None for w in webhook_ids)
 
     await eventually(check, timeout=timeout, every=0.01)
+
+
+async def subscribed(
+    worker: Any, pool: asyncpg.Pool[Any], settings: Any, url: str
+) -> tuple[str, str, str]:
+    """A new account with one webhook on `url`, already in the worker's cache:
+    (account id, webhook id, secret)."""
+    account = await make_account(pool)
+    webhook_id, secret = await make_webhook(pool, settings, account, url)
+    await cached(worker, webhook_id)
+    return account, webhook_id, secret

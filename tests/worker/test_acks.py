@@ -15,11 +15,9 @@ from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,
-    cached,
     dlv,
-    make_account,
     make_event,
-    make_webhook,
+    subscribed,
     wait_final,
 )
 
@@ -58,9 +56,7 @@ async def test_paced_messages_are_all_acked_soon_after_their_writes(
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
-    await cached(worker, webhook_id)
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
     events = [make_event(account) for _ in range(30)]
     for event in events:
         await publisher.publish(event)

@@ -16,11 +16,9 @@ from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,
-    cached,
     dlv,
-    make_account,
     make_event,
-    make_webhook,
+    subscribed,
     wait_final,
 )
 
@@ -32,9 +30,7 @@ async def test_invalid_messages_are_dead_lettered_while_valid_ones_flow(
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
-    await cached(worker, webhook_id)
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
     run = random_token(8)
 
     schema_bad = make_event(account)
@@ -104,9 +100,7 @@ async def test_an_event_id_postgres_cannot_store_is_dead_lettered_not_retried_fo
 ) -> None:
     # Valid JSON and a string id, but Postgres text cannot hold NUL: accepted, its insert would
     # fail on every redelivery and take the valid messages of its batch down with it.
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
-    await cached(worker, webhook_id)
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
     run = random_token(8)
     poison = make_event(account, event_id=f"evt_{run}\x00x")
     good = make_event(account)

@@ -14,11 +14,9 @@ from tests.receiver import Receiver
 from tests.worker.helpers import (
     ALL_TYPES,
     Publisher,
-    cached,
     dlv,
-    make_account,
     make_event,
-    make_webhook,
+    subscribed,
     verify_signature,
     wait_final,
 )
@@ -31,9 +29,7 @@ async def test_each_event_type_is_delivered_signed(
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    account = await make_account(pool)
-    webhook_id, secret = await make_webhook(pool, wsettings, account, receiver.url + "/hook")
-    await cached(worker, webhook_id)
+    account, webhook_id, secret = await subscribed(worker, pool, wsettings, receiver.url + "/hook")
     events = [make_event(account, t) for t in ALL_TYPES]
     for event in events:
         await publisher.publish(event)

@@ -28,6 +28,7 @@ from tests.worker.helpers import (
     make_webhook,
     remove_webhook,
     statuses,
+    subscribed,
     wait_final,
 )
 
@@ -112,9 +113,7 @@ async def test_pending_retries_stop_when_the_webhook_goes(
         return web.Response(status=503, headers={"Retry-After": "2"})
 
     receiver.handler = broken
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
-    await cached(worker, webhook_id)
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
     event = make_event(account)
     await publisher.publish(event)
     await receiver.wait_for(1)
@@ -184,9 +183,7 @@ async def test_same_event_id_twice_delivers_once(
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
-    await cached(worker, webhook_id)
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
     event = make_event(account)
     await publisher.publish(event)
     await publisher.publish(event)  # maybe in the same batch
