@@ -8,7 +8,10 @@ handles each message at once and a busy one writes hundreds per statement. For e
 2. republish the invalid ones to the dead-letter exchange with `x-cargolint-reason` (publisher
    confirms, so they are safely there before they are acked);
 3. match the valid ones against the subscription cache and insert their events and deliveries
-   in one statement, claimed by this worker (retried while Postgres is down);
+   in one statement, claimed by this worker (retried while Postgres is down). If Postgres
+   refuses the statement's data (`REJECTED`: a value it cannot store, a constraint violated),
+   the batch is split in halves until the events it refuses are alone; those are dead-lettered
+   as `store_rejected`, the rest recorded as usual;
 4. hand the deliveries that are new to the dispatcher;
 5. acknowledge — one multiple-ack per channel for this batch and the ones before it, once
    `ACK_EVERY` messages wait or `ACK_DELAY` after the first: at a paced rate batches are a
@@ -55,7 +58,7 @@ from engine.worker.cache import SubscriptionCache
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
 from engine.worker.metrics import Metrics
-from engine.worker.retrying import retry_transient
+from engine.worker.retrying import REJECTED, retry_transient
 
 __all__ = [
     "DEAD_EXCHANGE",
@@ -63,6 +66,7 @@ __all__ = [
     "EXCHANGE",
     "QUEUE",
     "REASON_HEADER",
+    "STORE_REJECTED",
     "Consumer",
     "declare_topology",
 ]
@@ -73,6 +77,8 @@ EXCHANGE = "cargolint.events"
 QUEUE = "cargolint.webhooks.events"
 DEAD_EXCHANGE = "cargolint.events.dlx"
 DEAD_QUEUE = "cargolint.webhooks.dead"
+# Dead-letter reason of a message whose event Postgres refuses to store (`REJECTED`).
+STORE_REJECTED = "store_rejected"
 REASON_HEADER = "x-cargolint-reason"
 BATCH_MAX = 500
 # Under a steady flow (a batch taken within STREAM_GAP) a small batch waits GATHER for more
@@ -279,12 +285,16 @@ class Consumer:
 
     async def _process(self, batch: Sequence[DeliveredMessage], now: float) -> None:
         events: list[Event] = []
+        accepted: list[tuple[DeliveredMessage, Event]] = []
         invalid: list[tuple[DeliveredMessage, InvalidEventError]] = []
         for message in batch:
             try:
-                events.append(parse_event(message.body))
+                event = parse_event(message.body)
             except InvalidEventError as exc:
                 invalid.append((message, exc))
+            else:
+                events.append(event)
+                accepted.append((message, event))
         if invalid:
             await asyncio.gather(*(self._dead_letter(m, e) for m, e in invalid))
 
@@ -299,15 +309,30 @@ class Consumer:
         hold = self._dispatcher.room() >= len(deliveries)
         new_ids: set[str] = set()
         retaken: dict[str, int] = {}
+        refused: dict[tuple[str, str], InvalidEventError] = {}
         if deliveries:
-            new_ids, retaken = await retry_transient(
-                lambda: self._insert(list(matched.values()), list(deliveries.values()), hold),
-                what="record new deliveries",
-            )
+            try:
+                new_ids, retaken = await self._insert_retrying(
+                    list(matched.values()), list(deliveries.values()), hold
+                )
+            except REJECTED as exc:
+                log.warning(
+                    "database refused a batch; recording its events apart",
+                    extra={"events": len(matched), "error": _refusal(exc)},
+                )
+                new_ids, retaken, refused = await self._insert_apart(matched, deliveries, hold)
+        rejected = [
+            (message, refused[key])
+            for message, event in accepted
+            if (key := (event.account_id, event.id)) in refused
+        ]
+        if rejected:
+            # Their deliveries were not made, so nothing of them is dispatched below.
+            await asyncio.gather(*(self._dead_letter(m, e) for m, e in rejected))
 
-        self._metrics.events_consumed_by("accepted").inc(len(events))
-        if invalid:
-            self._metrics.events_consumed_by("dead_lettered").inc(len(invalid))
+        self._metrics.events_consumed_by("accepted").inc(len(events) - len(rejected))
+        if invalid or rejected:
+            self._metrics.events_consumed_by("dead_lettered").inc(len(invalid) + len(rejected))
         for dlv in new_ids:
             self._metrics.deliveries_created_by(deliveries[dlv].event.type).inc()
         if hold and (new_ids or retaken):
@@ -321,6 +346,51 @@ class Consumer:
                 for d in deliveries.values()
                 if d.id in retaken
             )
+
+    async def _insert_retrying(
+        self, events: list[Event], deliveries: list[NewDelivery], hold: bool
+    ) -> tuple[set[str], dict[str, int]]:
+        return await retry_transient(
+            lambda: self._insert(events, deliveries, hold), what="record new deliveries"
+        )
+
+    async def _insert_apart(
+        self,
+        matched: dict[tuple[str, str], Event],
+        deliveries: dict[str, NewDelivery],
+        hold: bool,
+    ) -> tuple[set[str], dict[str, int], dict[tuple[str, str], InvalidEventError]]:
+        """Insert a batch Postgres refused as a whole by halves, down to single events.
+
+        Return the new delivery ids, the retaken ones, and the events refused on their own
+        (by (account id, event id)) with the dead-letter reason. Each part is one statement,
+        so a refused part leaves nothing behind; outages are still retried (`retry_transient`).
+        """
+        of_event: dict[tuple[str, str], list[NewDelivery]] = {}
+        for d in deliveries.values():
+            of_event.setdefault((d.event.account_id, d.event.id), []).append(d)
+        new_ids: set[str] = set()
+        retaken: dict[str, int] = {}
+        refused: dict[tuple[str, str], InvalidEventError] = {}
+        keys = list(matched)
+        parts = [keys[len(keys) // 2 :], keys[: len(keys) // 2]]  # the whole was refused
+        while parts:
+            part = parts.pop()
+            if not part:
+                continue
+            try:
+                new, again = await self._insert_retrying(
+                    [matched[k] for k in part], [d for k in part for d in of_event[k]], hold
+                )
+            except REJECTED as exc:
+                if len(part) > 1:
+                    parts += [part[len(part) // 2 :], part[: len(part) // 2]]
+                else:
+                    refused[part[0]] = InvalidEventError(STORE_REJECTED, _refusal(exc))
+                continue
+            new_ids |= new
+            retaken.update(again)
+        return new_ids, retaken, refused
 
     async def _insert(
         self, events: list[Event], deliveries: list[NewDelivery], hold: bool
@@ -397,6 +467,12 @@ class Consumer:
             await self._connection.close()
             self._connection = None
         self._metrics.consumer_up.set(0)
+
+
+def _refusal(exc: BaseException) -> str:
+    """Postgres's own short message, on one line: no statement, no parameters, no detail."""
+    message = getattr(exc, "message", None) or type(exc).__name__
+    return " ".join(str(message).split())[:300]
 
 
 async def _ack(batch: Sequence[DeliveredMessage]) -> None:

@@ -81,7 +81,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        # reason: invalid_json | too_large | unknown_event_type | schema_invalid
+        # reason: invalid_json | too_large | unknown_event_type | schema_invalid | store_rejected
         self.events_dead_lettered = Counter(
             p + "events_dead_lettered_total",
             "Messages dead-lettered, by reason.",

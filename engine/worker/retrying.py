@@ -2,7 +2,8 @@
 
 A write the worker must not lose (a batch of new deliveries, a batch of attempts) is retried
 with capped exponential backoff and jitter while the database is unreachable. Anything else —
-a constraint violation, a bug — is raised at once.
+a constraint violation, a bug — is raised at once. `REJECTED` names the errors by which
+Postgres refuses the data itself: retrying those cannot help, the caller must set the data aside.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-__all__ = ["TRANSIENT", "retry_transient"]
+__all__ = ["REJECTED", "TRANSIENT", "retry_transient"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +36,15 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     # Raised by the pool when it resets a connection the server has just killed.
     asyncpg.exceptions.InternalClientError,
+)
+
+# Postgres refuses the rows themselves (SQLSTATE classes 22, 23, 54): a value it cannot store, a
+# constraint violated, an index row too large. Not an outage, and not a statement of ours that
+# is wrong everywhere (an undefined table or column, say): the same rows fail on every retry.
+REJECTED: tuple[type[asyncpg.PostgresError], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
 )
 
 
