@@ -106,7 +106,10 @@ async def serve(settings: Settings) -> None:
             "CARGOLINT_SECRET_KEY is not set: webhook signing secrets are stored unencrypted"
         )
     runner = web.AppRunner(
-        build_app(settings), access_log=None, shutdown_timeout=settings.shutdown_grace
+        build_app(settings),
+        access_log=None,
+        # Long enough for a test delivery under way to finish (or be recorded as cut short).
+        shutdown_timeout=max(settings.shutdown_grace, settings.delivery_timeout + 2),
     )
     await runner.setup()
     stop = asyncio.Event()

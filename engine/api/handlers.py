@@ -20,6 +20,7 @@ from engine.core.ids import delivery_id, new_id
 from engine.core.payload import build_body, sample_data
 from engine.core.signing import request_headers
 from engine.core.times import rfc3339
+from engine.delivery import Outcome
 from engine.store import deliveries, webhooks
 
 __all__ = ["MAX_BODY", "routes"]
@@ -193,20 +194,18 @@ async def test_webhook(request: web.Request) -> web.Response:
         secret=target.secret, body=body, event_type=event_type, delivery_id=dlv_id
     )
     attempted_at = datetime.now(UTC)
-    outcome = await request.app[SENDER].send(target.url, body, headers)
-    record = deliveries.AttemptRecord(
-        delivery_id=dlv_id,
-        number=1,
-        attempted_at=attempted_at,
-        response_status=outcome.status,
-        response_time_ms=outcome.elapsed_ms,
-        error_class=outcome.error_class,
-        error=outcome.error,
-        response_body=outcome.body,
-        # A test delivery is attempted once and never retried.
-        status="succeeded" if outcome.succeeded else "failed",
-        next_attempt_at=None,
-    )
+    try:
+        outcome = await request.app[SENDER].send(target.url, body, headers)
+    except asyncio.CancelledError:
+        # The API is stopping under a slow receiver: end the record rather than leave it
+        # pending for good (no worker ever retries a test delivery).
+        elapsed = int((datetime.now(UTC) - attempted_at).total_seconds() * 1000)
+        stopped = Outcome(False, None, elapsed, "cancelled", "the API stopped mid-attempt")
+        await asyncio.shield(
+            deliveries.record_attempts(pool, [_test_attempt(dlv_id, attempted_at, stopped)])
+        )
+        raise
+    record = _test_attempt(dlv_id, attempted_at, outcome)
     # Shielded: a client that hangs up must not leave the record half-written.
     await asyncio.shield(deliveries.record_attempts(pool, [record]))
     row = await deliveries.get_delivery(pool, dlv_id)
@@ -222,6 +221,24 @@ async def test_webhook(request: web.Request) -> web.Response:
         },
     )
     return _json(deliveries.delivery_json(row))
+
+
+def _test_attempt(
+    dlv_id: str, attempted_at: datetime, outcome: Outcome
+) -> deliveries.AttemptRecord:
+    """A test delivery's one attempt: it ends the delivery, which is never retried."""
+    return deliveries.AttemptRecord(
+        delivery_id=dlv_id,
+        number=1,
+        attempted_at=attempted_at,
+        response_status=outcome.status,
+        response_time_ms=outcome.elapsed_ms,
+        error_class=outcome.error_class,
+        error=outcome.error,
+        response_body=outcome.body,
+        status="succeeded" if outcome.succeeded else "failed",
+        next_attempt_at=None,
+    )
 
 
 async def list_webhook_deliveries(request: web.Request) -> web.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
@@ -13,6 +15,7 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet
 
+from engine.api.app import build_app
 from engine.core.events import Event
 from engine.core.ids import delivery_id, new_id
 from engine.settings import Settings
@@ -208,3 +211,58 @@ async def test_secrets_are_encrypted_at_rest_when_a_key_is_set(
         )
     finally:
         await runner.cleanup()
+
+
+async def test_a_test_delivery_cut_short_by_shutdown_ends_failed_not_pending(
+    api_settings: Settings,
+    pool: asyncpg.Pool[Any],
+    make_account: MakeAccount,
+    receiver: Receiver,
+) -> None:
+    hung, release = asyncio.Event(), asyncio.Event()
+
+    async def hang(_request: web.Request, _body: bytes) -> web.Response:
+        hung.set()
+        await release.wait()
+        return web.Response(status=200)
+
+    receiver.handler = hang
+    # The API with a short shutdown wait, so stopping it cancels the handler mid-attempt.
+    runner = web.AppRunner(build_app(api_settings, pool=pool), shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = site.name
+    account = await make_account()
+    headers = {"X-API-Key": account.key}
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{base}/api/v1/webhooks",
+                headers=headers,
+                json={"url": f"{receiver.url}/hook", "events": ["document.uploaded"]},
+            ) as response:
+                webhook_id = (await response.json())["id"]
+
+            async def call_test() -> None:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.post(
+                        f"{base}/api/v1/webhooks/{webhook_id}/test", headers=headers
+                    ) as response:
+                        await response.read()
+
+            call = asyncio.create_task(call_test())
+            await asyncio.wait_for(hung.wait(), 10)
+            await runner.cleanup()  # cancels the handler waiting on the receiver
+            await call
+    finally:
+        release.set()
+    row = await pool.fetchrow(
+        "SELECT status, attempts, error, next_attempt_at FROM deliveries WHERE webhook_id = $1",
+        webhook_id,
+    )
+    assert row is not None
+    assert row["status"] == "failed"
+    assert row["attempts"] == 1
+    assert row["error"] == "the API stopped mid-attempt"
+    assert row["next_attempt_at"] is None
