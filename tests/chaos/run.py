@@ -20,6 +20,7 @@ from engine.store.accounts import create_account
 from engine.store.migrate import migrate
 from engine.store.webhooks import create_webhook
 from tests.chaos.harness import Proc, engine_env, free_port, make_event
+from tests.chaos.receivers import CountingReceiver
 from tests.chaos.services import ThrowawayPostgres
 
 __all__ = ["REPORTS", "ChaosRun", "Report", "StreamPublisher", "scale"]
@@ -46,6 +47,30 @@ class Report:
     recovery_s: float | None
     wall_s: float
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def one_per_event(
+        cls,
+        scenario: str,
+        total: int,
+        *,
+        receiver: CountingReceiver,
+        run: ChaosRun,
+        recovery_s: float | None,
+        notes: dict[str, Any],
+    ) -> Report:
+        """The report of a run where each of `total` events makes one delivery."""
+        return cls(
+            scenario=scenario,
+            events_sent=total,
+            deliveries_expected=total,
+            delivered=receiver.delivered,
+            duplicates=receiver.duplicates,
+            lost=total - receiver.delivered,
+            recovery_s=recovery_s,
+            wall_s=run.wall(),
+            notes=notes,
+        )
 
     def line(self) -> str:
         recovery = "n/a" if self.recovery_s is None else f"{self.recovery_s:.2f}s"
@@ -167,6 +192,10 @@ class ChaosRun:
         finally:
             await conn.close()
         return {r["status"]: r["n"] for r in rows}
+
+    async def all_succeeded(self, total: int) -> bool:
+        """True once at least `total` deliveries are recorded `succeeded`."""
+        return (await self.statuses()).get("succeeded", 0) >= total
 
     async def events_recorded(self) -> int:
         try:

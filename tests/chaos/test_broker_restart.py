@@ -47,21 +47,18 @@ async def test_rabbitmq_restart_mid_run_loses_nothing(
         await asyncio.wait_for(publishing, timeout=120)
         await counting_receiver.wait_delivered(total, timeout=180)
         await wait_until(
-            lambda: _all_succeeded(run, total), timeout=60, what="every delivery recorded"
+            lambda: run.all_succeeded(total), timeout=60, what="every delivery recorded"
         )
     finally:
         publishing.cancel()
         codes = await run.stop_workers()
     depth, dead = await queue_depths(throwaway_rabbit.url)
-    report = Report(
-        scenario="rabbitmq-restart",
-        events_sent=total,
-        deliveries_expected=total,
-        delivered=counting_receiver.delivered,
-        duplicates=counting_receiver.duplicates,
-        lost=total - counting_receiver.delivered,
+    report = Report.one_per_event(
+        "rabbitmq-restart",
+        total,
+        receiver=counting_receiver,
+        run=run,
         recovery_s=recovery,
-        wall_s=run.wall(),
         notes={
             "consumed_before_restart": before,
             "broker_start_s": f"{throwaway_rabbit.start_seconds[-1]:.1f}",
@@ -79,10 +76,6 @@ async def test_rabbitmq_restart_mid_run_loses_nothing(
 
 async def _at_least(run: ChaosRun, count: int) -> bool:
     return await run.events_recorded() >= count
-
-
-async def _all_succeeded(run: ChaosRun, total: int) -> bool:
-    return (await run.statuses()).get("succeeded", 0) >= total
 
 
 def _since(receiver: CountingReceiver, moment: float) -> str:

@@ -54,22 +54,19 @@ async def test_postgres_restart_mid_run_loses_nothing(
         await asyncio.wait_for(publishing, timeout=120)
         await counting_receiver.wait_delivered(total, timeout=180)
         await wait_until(
-            lambda: _all_succeeded(run, total), timeout=60, what="every delivery recorded"
+            lambda: run.all_succeeded(total), timeout=60, what="every delivery recorded"
         )
         worker_alive = all(w.alive() for w in run.workers)
     finally:
         publishing.cancel()
         codes = await run.stop_workers()
     depth, dead = await queue_depths(throwaway_rabbit.url)
-    report = Report(
-        scenario=f"postgres-restart-{mode}-down-{down_for:g}s",
-        events_sent=total,
-        deliveries_expected=total,
-        delivered=counting_receiver.delivered,
-        duplicates=counting_receiver.duplicates,
-        lost=total - counting_receiver.delivered,
+    report = Report.one_per_event(
+        f"postgres-restart-{mode}-down-{down_for:g}s",
+        total,
+        receiver=counting_receiver,
+        run=run,
         recovery_s=recovery,
-        wall_s=run.wall(),
         notes={
             "down_s": down_for,
             "delivered_before": delivered_before,
@@ -87,10 +84,6 @@ async def test_postgres_restart_mid_run_loses_nothing(
 
 async def _attempts_beyond(run: ChaosRun, count: int) -> bool:
     return int(await run.fetchval("SELECT count(*) FROM delivery_attempts")) > count
-
-
-async def _all_succeeded(run: ChaosRun, total: int) -> bool:
-    return (await run.statuses()).get("succeeded", 0) >= total
 
 
 async def test_an_outage_longer_than_the_lease_does_not_resend_what_a_worker_holds(
@@ -121,19 +114,16 @@ async def test_an_outage_longer_than_the_lease_does_not_resend_what_a_worker_hol
         back = time.monotonic()
         await counting_receiver.wait_delivered(total, timeout=120)
         await wait_until(
-            lambda: _all_succeeded(run, total), timeout=60, what="every delivery recorded"
+            lambda: run.all_succeeded(total), timeout=60, what="every delivery recorded"
         )
     finally:
         codes = await run.stop_workers()
-    report = Report(
-        scenario="postgres-down-2x-lease",
-        events_sent=total,
-        deliveries_expected=total,
-        delivered=counting_receiver.delivered,
-        duplicates=counting_receiver.duplicates,
-        lost=total - counting_receiver.delivered,
+    report = Report.one_per_event(
+        "postgres-down-2x-lease",
+        total,
+        receiver=counting_receiver,
+        run=run,
         recovery_s=_since(counting_receiver, back),
-        wall_s=run.wall(),
         notes={"down_s": 2 * LEASE},
     )
     report.publish()

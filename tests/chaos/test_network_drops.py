@@ -67,21 +67,18 @@ async def test_connection_drops_to_broker_and_database_lose_nothing(
         await asyncio.wait_for(publishing, timeout=120)
         await counting_receiver.wait_delivered(total, timeout=120)
         await wait_until(
-            lambda: _all_succeeded(run, total), timeout=60, what="every delivery recorded"
+            lambda: run.all_succeeded(total), timeout=60, what="every delivery recorded"
         )
     finally:
         publishing.cancel()
         codes = await run.stop_workers()
     depth, dead = await queue_depths(stack.rabbit.url)
-    report = Report(
-        scenario="network-drops-broker-and-db",
-        events_sent=total,
-        deliveries_expected=total,
-        delivered=counting_receiver.delivered,
-        duplicates=counting_receiver.duplicates,
-        lost=total - counting_receiver.delivered,
+    report = Report.one_per_event(
+        "network-drops-broker-and-db",
+        total,
+        receiver=counting_receiver,
+        run=run,
         recovery_s=max(recoveries),
-        wall_s=run.wall(),
         notes={
             "drops": len(recoveries),
             "recoveries_s": "/".join(f"{r:.2f}" for r in recoveries),
@@ -103,7 +100,3 @@ async def test_connection_drops_to_broker_and_database_lose_nothing(
 
 async def _recorded_more(run: ChaosRun, count: int) -> bool:
     return await run.events_recorded() > count
-
-
-async def _all_succeeded(run: ChaosRun, total: int) -> bool:
-    return (await run.statuses()).get("succeeded", 0) >= total

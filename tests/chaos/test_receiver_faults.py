@@ -42,20 +42,17 @@ async def test_receiver_down_then_back_resumes_on_schedule(
         await counting_receiver.start()
         recovery = await counting_receiver.wait_delivered(total, timeout=60)
         await wait_until(
-            lambda: _all_succeeded(run, total), timeout=30, what="every delivery recorded"
+            lambda: run.all_succeeded(total), timeout=30, what="every delivery recorded"
         )
     finally:
         codes = await run.stop_workers()
     attempts = await _attempts(run)
-    report = Report(
-        scenario="receiver-down-then-back",
-        events_sent=total,
-        deliveries_expected=total,
-        delivered=counting_receiver.delivered,
-        duplicates=counting_receiver.duplicates,
-        lost=total - counting_receiver.delivered,
+    report = Report.one_per_event(
+        "receiver-down-then-back",
+        total,
+        receiver=counting_receiver,
+        run=run,
         recovery_s=recovery,
-        wall_s=run.wall(),
         notes={
             "attempts": sum(len(a) for a in attempts.values()),
             "max_attempts_per_delivery": max(len(a) for a in attempts.values()),
@@ -87,10 +84,6 @@ async def test_receiver_down_then_back_resumes_on_schedule(
 
 async def _attempted_at_least(run: ChaosRun, count: int) -> bool:
     return int(await run.fetchval("SELECT count(*) FROM delivery_attempts")) >= count
-
-
-async def _all_succeeded(run: ChaosRun, total: int) -> bool:
-    return (await run.statuses()).get("succeeded", 0) >= total
 
 
 async def _attempts(run: ChaosRun) -> dict[str, list[asyncpg.Record]]:

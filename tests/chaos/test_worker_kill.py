@@ -43,19 +43,16 @@ async def test_kill_9_while_retries_are_due_another_worker_takes_them(
         await counting_receiver.wait_delivered(total, timeout=120)
         recovery = time.monotonic() - killed
         await wait_until(
-            lambda: _all_succeeded(run, total), timeout=60, what="every delivery recorded"
+            lambda: run.all_succeeded(total), timeout=60, what="every delivery recorded"
         )
     finally:
         codes = await run.stop_workers()
-    report = Report(
-        scenario="kill-9-with-retries-due",
-        events_sent=total,
-        deliveries_expected=total,
-        delivered=counting_receiver.delivered,
-        duplicates=counting_receiver.duplicates,
-        lost=total - counting_receiver.delivered,
+    report = Report.one_per_event(
+        "kill-9-with-retries-due",
+        total,
+        receiver=counting_receiver,
+        run=run,
         recovery_s=recovery,
-        wall_s=run.wall(),
         notes={
             "delivered_before_kill": delivered_at_kill,
             "claimed_by_dead_worker": held,
@@ -76,7 +73,3 @@ async def test_kill_9_while_retries_are_due_another_worker_takes_them(
 async def _first_attempts_recorded(run: ChaosRun, total: int) -> bool:
     count = await run.fetchval("SELECT count(*) FROM deliveries WHERE attempts >= 1")
     return int(count) >= total
-
-
-async def _all_succeeded(run: ChaosRun, total: int) -> bool:
-    return (await run.statuses()).get("succeeded", 0) >= total
