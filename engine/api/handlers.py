@@ -175,13 +175,13 @@ async def test_webhook(request: web.Request) -> web.Response:
         data=orjson.dumps(sample_data(event_type)),
     )
     dlv_id = delivery_id(target.id, target.account_id, event.id)
-    async with pool.acquire() as conn, conn.transaction():
-        await deliveries.insert_events_and_deliveries(
-            conn,
-            [event],
-            [deliveries.NewDelivery(dlv_id, target.id, event, is_test=True)],
-            claimed_by=None,
-        )
+    # One statement: the event and its delivery land together without a transaction.
+    await deliveries.insert_events_and_deliveries(
+        pool,
+        [event],
+        [deliveries.NewDelivery(dlv_id, target.id, event, is_test=True)],
+        claimed_by=None,
+    )
     body = build_body(
         event_type=event_type,
         timestamp=event.timestamp,
