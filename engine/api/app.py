@@ -22,7 +22,7 @@ from engine.api.errors import error_middleware
 from engine.api.handlers import MAX_BODY, routes
 from engine.api.limits import KeyRateLimiter
 from engine.api.metrics import ApiMetrics, metrics_middleware
-from engine.api.state import BOX, LIMITER, METRICS, POOL, SENDER, SETTINGS
+from engine.api.state import BOX, LIMITER, METRICS, POOL, SENDER, SETTINGS, TEST_WRITES
 from engine.core.crypto import SecretBox
 from engine.delivery import Sender
 from engine.settings import Settings
@@ -93,9 +93,12 @@ def _database(
 async def _sender(app: web.Application) -> AsyncIterator[None]:
     sender = Sender(app[SETTINGS])
     app[SENDER] = sender
+    app[TEST_WRITES] = set()
     try:
         yield
     finally:
+        # Handlers are done or cancelled by now; the records they started must still land.
+        await asyncio.gather(*app[TEST_WRITES], return_exceptions=True)
         await sender.close()
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from engine.api.auth import principal
 from engine.api.destination import check_destination
 from engine.api.errors import ApiError, bad_request
-from engine.api.state import BOX, POOL, SENDER, SETTINGS
+from engine.api.state import BOX, POOL, SENDER, SETTINGS, TEST_WRITES
 from engine.api.validation import WEBHOOK_ID, parse_create, parse_page, parse_update
 from engine.core.events import Event
 from engine.core.ids import delivery_id, new_id
@@ -201,13 +201,10 @@ async def test_webhook(request: web.Request) -> web.Response:
         # pending for good (no worker ever retries a test delivery).
         elapsed = int((datetime.now(UTC) - attempted_at).total_seconds() * 1000)
         stopped = Outcome(False, None, elapsed, "cancelled", "the API stopped mid-attempt")
-        await asyncio.shield(
-            deliveries.record_attempts(pool, [_test_attempt(dlv_id, attempted_at, stopped)])
-        )
+        await _record(request.app, [_test_attempt(dlv_id, attempted_at, stopped)])
         raise
     record = _test_attempt(dlv_id, attempted_at, outcome)
-    # Shielded: a client that hangs up must not leave the record half-written.
-    await asyncio.shield(deliveries.record_attempts(pool, [record]))
+    await _record(request.app, [record])
     row = await deliveries.get_delivery(pool, dlv_id)
     assert row is not None  # noqa: S101 - inserted above, never deleted
     log.info(
@@ -221,6 +218,17 @@ async def test_webhook(request: web.Request) -> web.Response:
         },
     )
     return _json(deliveries.delivery_json(row))
+
+
+async def _record(app: web.Application, records: list[deliveries.AttemptRecord]) -> None:
+    """Write a test delivery's attempt. Shielded, so a client that hangs up or a shutdown
+    cancelling the handler cannot leave it half-written, and tracked, so shutdown waits for it
+    before the pool closes."""
+    write = asyncio.ensure_future(deliveries.record_attempts(app[POOL], records))
+    writes = app[TEST_WRITES]
+    writes.add(write)
+    write.add_done_callback(writes.discard)
+    await asyncio.shield(write)
 
 
 def _test_attempt(

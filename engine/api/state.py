@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -14,11 +15,22 @@ from engine.delivery import Sender
 from engine.settings import Settings
 from engine.store.accounts import Principal
 
-__all__ = ["BOX", "LIMITER", "METRICS", "POOL", "PRINCIPAL", "SENDER", "SETTINGS"]
+__all__ = [
+    "BOX",
+    "LIMITER",
+    "METRICS",
+    "POOL",
+    "PRINCIPAL",
+    "SENDER",
+    "SETTINGS",
+    "TEST_WRITES",
+]
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL: web.AppKey[asyncpg.Pool[Any]] = web.AppKey("pool")
 SENDER = web.AppKey("sender", Sender)
+# Test-delivery records being written: shutdown waits for them before closing the pool.
+TEST_WRITES: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("test_writes")
 BOX = web.AppKey("box", SecretBox)
 METRICS = web.AppKey("metrics", ApiMetrics)
 LIMITER = web.AppKey("limiter", KeyRateLimiter)

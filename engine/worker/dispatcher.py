@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 from engine.core.payload import build_body
 from engine.core.ratelimit import TokenBucket
 from engine.core.signing import request_headers
-from engine.delivery import Sender
+from engine.delivery import Outcome, Sender
 from engine.settings import Settings
 from engine.store.webhooks import WebhookTarget
 from engine.worker.cache import SubscriptionCache
@@ -31,7 +32,12 @@ from engine.worker.job import Job
 from engine.worker.metrics import Metrics
 from engine.worker.recorder import Recorder
 
-__all__ = ["Dispatcher", "endpoint_key"]
+__all__ = ["INTERNAL", "Dispatcher", "endpoint_key"]
+
+log = logging.getLogger(__name__)
+
+# The error class of an attempt that failed inside the worker rather than at the receiver.
+INTERNAL = "internal"
 
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 # Idle endpoints are forgotten after this long, once their bucket would be full again anyway.
@@ -196,7 +202,16 @@ class Dispatcher:
             if job.received_at is not None and job.attempt == 1:
                 self._metrics.event_lag.observe(asyncio.get_running_loop().time() - job.received_at)
             attempted_at = datetime.now(UTC)
-            outcome = await self._sender.send(target.url, *_request(job, target))
+            try:
+                outcome = await self._sender.send(target.url, *_request(job, target))
+            except Exception as exc:
+                # A bug of ours, not the receiver's fault. Recorded as a failed attempt, so
+                # the delivery follows its retry schedule instead of staying held here.
+                log.exception(
+                    "delivery attempt raised",
+                    extra={"delivery_id": job.delivery_id, "webhook_id": job.webhook_id},
+                )
+                outcome = Outcome(False, None, 0, INTERNAL, f"internal error: {type(exc).__name__}")
             self._recorder.attempted(job, outcome, attempted_at)
         finally:
             ep.active -= 1

@@ -103,6 +103,7 @@ class Metrics:
         )
         r.register(_Unchecked(self.deliveries))
         # outcome: success | http_status | redirect | timeout | connection | tls | blocked_address
+        # | internal (an attempt that failed inside the worker: a bug, logged with its traceback)
         self.attempts = Counter(
             p + "delivery_attempts_total",
             "HTTP delivery attempts, by outcome.",

@@ -156,3 +156,6 @@ class BrokenPeer:
             writer.write(frame)
             await writer.drain()
             self.bytes_sent += len(chunk)
+            # drain() returns without yielding while the socket takes the data, and a client's
+            # RST shows up first as a failed send: without a yield, connection_lost never runs.
+            await asyncio.sleep(0)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -204,18 +203,6 @@ class LyingResolver(AbstractResolver):
         pass
 
 
-def session_with(resolver: AbstractResolver, ca_file: Path) -> aiohttp.ClientSession:
-    """The production session's shape (see Sender._make_session) around a given resolver."""
-    context = ssl.create_default_context()
-    context.load_verify_locations(cafile=str(ca_file))
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(resolver=resolver, ssl=context, ttl_dns_cache=10),
-        timeout=aiohttp.ClientTimeout(total=5),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def rebind_ssl(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -240,7 +227,7 @@ async def test_dns_rebinding_public_at_creation_private_at_connection_is_refused
     assert [r["host"] for r in first] == ["93.184.216.34"]
     # ... at delivery time it points at loopback, and the connection is refused.
     settings = blocking(ca_file)
-    async with session_with(safe, ca_file) as session, Sender(settings, session) as sender:
+    async with Sender(settings, resolver=safe) as sender:
         outcome = await sender.send(
             f"https://rebind.example.com:{rebind_target.port}/hook", BODY, headers()
         )
@@ -264,7 +251,7 @@ async def test_any_blocked_address_in_the_answer_refuses_the_name(
     rebind_target: Listener, ca_file: Path, answer: list[str]
 ) -> None:
     safe = SafeResolver((), inner=LyingResolver(answer))
-    async with session_with(safe, ca_file) as session, Sender(blocking(ca_file), session) as s:
+    async with Sender(blocking(ca_file), resolver=safe) as s:
         outcome = await s.send(
             f"https://rebind.example.com:{rebind_target.port}/hook", BODY, headers()
         )
@@ -276,7 +263,7 @@ async def test_positive_control_the_lying_answer_is_what_gets_dialled(
     rebind_target: Listener, ca_file: Path
 ) -> None:
     safe = SafeResolver(LOOPBACK, inner=LyingResolver(["127.0.0.1"]))
-    async with session_with(safe, ca_file) as session, Sender(blocking(ca_file), session) as s:
+    async with Sender(blocking(ca_file), resolver=safe) as s:
         outcome = await s.send(
             f"https://rebind.example.com:{rebind_target.port}/hook", BODY, headers()
         )

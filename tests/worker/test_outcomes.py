@@ -14,7 +14,9 @@ import pytest
 import trustme
 from aiohttp import web
 
+from engine.delivery import Outcome, Sender
 from engine.settings import Settings
+from engine.worker.dispatcher import INTERNAL
 from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
@@ -275,3 +277,39 @@ async def test_the_schedule_counts_from_a_timeout_not_from_the_request(
     assert row["status"] == "succeeded"
     first, second = receiver.requests
     assert second.at - first.at >= wsettings.delivery_timeout + wsettings.retry_schedule[0]
+
+
+class _BrokenOnce(Sender):
+    """A sender with a bug in its first attempt: it raises instead of returning an outcome."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.raised = 0
+
+    async def send(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        if not self.raised:
+            self.raised += 1
+            raise RuntimeError("a bug in the attempt path")
+        return await super().send(url, body, headers)
+
+
+async def test_an_attempt_that_raises_is_recorded_failed_and_retried_not_held(
+    wsettings: Settings,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+) -> None:
+    async with _BrokenOnce(wsettings) as sender:
+        worker = Worker(wsettings, pool=pool, sender=sender)
+        await worker.start()
+        try:
+            delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+            row = (await wait_final(pool, [delivery_id]))[delivery_id]
+        finally:
+            await worker.stop(grace=0.5)
+    assert sender.raised == 1
+    assert row["status"] == "succeeded"
+    attempts = await _attempts(pool, delivery_id)
+    assert [(a["number"], a["error_class"]) for a in attempts] == [(1, INTERNAL), (2, None)]
+    assert attempts[0]["error"] == "internal error: RuntimeError"
+    assert len(receiver.requests) == 1
