@@ -167,7 +167,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
             ts(
                 "Attempts by outcome",
                 "HTTP attempts: success, http_status, redirect, timeout, connection, tls, "
-                "blocked_address.",
+                "blocked_address, internal.",
                 "ops",
                 q(
                     "sum by (outcome) (rate({P}delivery_attempts_total{SEL}[$__rate_interval]))",

@@ -22,6 +22,7 @@ __all__ = [
     "own_stale",
     "queue_depth",
     "release_deliveries",
+    "release_lapsed",
     "release_worker",
     "retake_due",
 ]
@@ -49,34 +50,29 @@ class QueueDepth:
     waiting: int
 
 
-async def claim_due(
-    conn: Conn, worker_id: str, *, lease: float, limit: int
-) -> list[ClaimedDelivery]:
-    """Claim up to `limit` due pending deliveries for `worker_id`, oldest due first.
+async def claim_due(conn: Conn, worker_id: str, *, limit: int) -> list[ClaimedDelivery]:
+    """Claim up to `limit` due pending deliveries no worker holds, oldest due first.
 
     SKIP LOCKED lets several workers claim at once without waiting on each other or taking the
-    same row twice.
+    same row twice. Deliveries held by a worker that stopped beating come back here once
+    `release_lapsed` has released them.
     """
     if limit <= 0:
         return []
     rows = await conn.fetch(
-        f"""UPDATE deliveries d SET claimed_by = $1
+        """UPDATE deliveries d SET claimed_by = $1
             FROM events e
             WHERE d.id IN (
                     SELECT d.id FROM deliveries d
-                    WHERE d.status = 'pending' AND d.next_attempt_at <= now()
-                      AND {_UNCLAIMED}
-                      -- never our own: we hold those in memory, even while our heartbeat
-                      -- lapsed in an outage; our stale ones are released by own_stale
-                      AND d.claimed_by IS DISTINCT FROM $1
+                    WHERE d.status = 'pending' AND d.claimed_by IS NULL
+                      AND d.next_attempt_at <= now()
                     ORDER BY d.next_attempt_at
-                    LIMIT $3
+                    LIMIT $2
                     FOR UPDATE OF d SKIP LOCKED)
               AND e.account_id = d.account_id AND e.id = d.event_id
             RETURNING d.id, d.webhook_id, d.attempts, e.id AS event_id, e.type, e.account_id,
                       e.mode, e."timestamp", e.data""",
         worker_id,
-        lease,
         limit,
     )
     return [
@@ -118,6 +114,26 @@ async def retake_due(
         list(delivery_ids),
     )
     return {r["id"]: r["attempts"] for r in rows}
+
+
+async def release_lapsed(conn: Conn, worker_id: str, *, lease: float) -> int:
+    """Release the claims of every worker but this one that is gone or silent for a lease.
+
+    Reads every pending delivery, so it runs every few seconds, not on every poll. A worker
+    that was only slow to beat (a database outage) keeps the deliveries it holds in memory;
+    if another worker attempts one of them too, receivers deduplicate on the delivery id.
+    """
+    released: int = await conn.fetchval(
+        f"""WITH released AS (
+                UPDATE deliveries d SET claimed_by = NULL
+                WHERE d.status = 'pending' AND d.claimed_by IS NOT NULL
+                  AND d.claimed_by <> $1 AND {_UNCLAIMED}
+                RETURNING 1)
+            SELECT count(*) FROM released""",
+        worker_id,
+        lease,
+    )
+    return released
 
 
 async def own_stale(conn: Conn, worker_id: str, *, overdue: float) -> list[str]:

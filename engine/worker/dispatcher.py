@@ -3,8 +3,10 @@
 Every endpoint (scheme + host + port) has its own in-memory queue, token bucket and
 concurrency count, and a pump task that runs only while the queue has work. A job leaves its
 queue only when its endpoint has a token and a free slot and a global in-flight slot is free,
-so an endpoint that hangs or fails holds at most `endpoint_concurrency` slots; the rest of its
-backlog waits in its own queue (acked already, durable in Postgres) and delays nobody else.
+so an endpoint that hangs or fails holds at most `endpoint_concurrency` slots — and, while slots
+are in demand, soon just one, as each failure halves its concurrency and each success adds one
+back — and the rest of its backlog waits in its own queue (acked already, durable in Postgres)
+and delays nobody else.
 
 Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL
 and secret, and a deleted or deactivated webhook ends the delivery `failed` with no request.
@@ -53,12 +55,13 @@ def endpoint_key(url: str) -> str:
 
 
 class _Endpoint:
-    __slots__ = ("active", "bucket", "key", "last_used", "pump", "queue", "slot_freed")
+    __slots__ = ("active", "bucket", "key", "last_used", "limit", "pump", "queue", "slot_freed")
 
-    def __init__(self, key: str, bucket: TokenBucket, now: float) -> None:
+    def __init__(self, key: str, bucket: TokenBucket, now: float, limit: int) -> None:
         self.key = key
         self.queue: deque[Job] = deque()
         self.active = 0
+        self.limit = limit  # attempts it may have in flight now: see Dispatcher._adapt
         self.bucket = bucket
         self.slot_freed = asyncio.Event()
         self.pump: asyncio.Task[None] | None = None
@@ -144,7 +147,8 @@ class Dispatcher:
         if endpoint is None:
             rate = self._settings.endpoint_rate
             bucket = TokenBucket(rate, max(1.0, rate), now)
-            endpoint = self._endpoints[key] = _Endpoint(key, bucket, now)
+            limit = self._settings.endpoint_concurrency
+            endpoint = self._endpoints[key] = _Endpoint(key, bucket, now, limit)
         endpoint.queue.append(job)
         endpoint.last_used = now
         self._queued += 1
@@ -166,7 +170,7 @@ class Dispatcher:
                     else:  # the webhook's URL changed: it belongs to another endpoint now
                         self._enqueue(self._key(target.url), job)
                     continue
-                if ep.active >= self._settings.endpoint_concurrency:
+                if ep.active >= self._cap(ep):
                     waits("concurrency").inc()
                     ep.slot_freed.clear()
                     await ep.slot_freed.wait()
@@ -213,10 +217,36 @@ class Dispatcher:
                 )
                 outcome = Outcome(False, None, 0, INTERNAL, f"internal error: {type(exc).__name__}")
             self._recorder.attempted(job, outcome, attempted_at)
+            self._adapt(ep, outcome.succeeded)
         finally:
             ep.active -= 1
             ep.slot_freed.set()
             self._global.release()
+
+    def _cap(self, ep: _Endpoint) -> int:
+        """How many attempts the endpoint may have in flight now.
+
+        Its own `limit` while global slots are in demand (half of them taken or more); while
+        they are not, a failing endpoint may use its configured concurrency: slots nobody else
+        wants cost no one anything.
+        """
+        if len(self._attempts) * 2 < self._settings.max_in_flight:
+            return self._settings.endpoint_concurrency
+        return ep.limit
+
+    def _adapt(self, ep: _Endpoint, succeeded: bool) -> None:
+        """Additive increase, multiplicative decrease of the endpoint's concurrency.
+
+        An endpoint that fails or hangs soon has a single attempt in flight while slots are in
+        demand (`_cap`), so it holds one global slot rather than `endpoint_concurrency` of them
+        and its backlog waits in its own queue; each success gives a slot back, up to the
+        configured concurrency.
+        """
+        if succeeded:
+            if ep.limit < self._settings.endpoint_concurrency:
+                ep.limit += 1
+        elif ep.limit > 1:
+            ep.limit //= 2
 
     async def _sweep(self) -> None:
         while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ from engine.store.queue import (
     own_stale,
     queue_depth,
     release_deliveries,
+    release_lapsed,
 )
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
@@ -55,6 +57,7 @@ class Poller:
         self._worker_id = worker_id
         self._hostname = socket.gethostname()
         self._tasks: list[asyncio.Task[None]] = []
+        self._released_at = float("-inf")  # when release_lapsed last ran
 
     @property
     def beat_interval(self) -> float:
@@ -107,10 +110,16 @@ class Poller:
 
     async def poll_once(self) -> int:
         """Claim what is due (up to the dispatcher's room) and dispatch it; return the count."""
+        now = time.monotonic()
+        if now - self._released_at >= self.beat_interval:
+            released = await release_lapsed(
+                self._pool, self._worker_id, lease=self._settings.worker_lease
+            )
+            self._released_at = now
+            if released:
+                log.warning("released claims of lapsed workers", extra={"count": released})
         limit = min(CLAIM_BATCH, self._dispatcher.room())
-        claimed = await claim_due(
-            self._pool, self._worker_id, lease=self._settings.worker_lease, limit=limit
-        )
+        claimed = await claim_due(self._pool, self._worker_id, limit=limit)
         if claimed:
             self._dispatcher.submit(
                 Job(c.id, c.webhook_id, c.event, c.attempts + 1) for c in claimed

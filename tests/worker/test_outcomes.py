@@ -313,3 +313,60 @@ async def test_an_attempt_that_raises_is_recorded_failed_and_retried_not_held(
     assert [(a["number"], a["error_class"]) for a in attempts] == [(1, INTERNAL), (2, None)]
     assert attempts[0]["error"] == "internal error: RuntimeError"
     assert len(receiver.requests) == 1
+
+
+async def test_an_endpoint_that_hangs_is_narrowed_while_slots_are_in_demand_then_widens(
+    *,
+    start_worker: Callable[..., Any],
+    make_receiver: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # `receiver`'s first ten attempts hang until the timeout, later ones are answered after
+    # 50 ms; a busy healthy endpoint beside it keeps half of the global slots in use meanwhile.
+    worker = await start_worker(endpoint_concurrency=10, max_in_flight=20, retry_schedule=(0.2,))
+    busy = await make_receiver()
+    release = asyncio.Event()
+    in_flight = 0
+    at_arrival: list[int] = []  # attempts in flight as each later one arrives, itself included
+
+    async def answer(_: web.Request, __: bytes) -> web.Response:
+        nonlocal in_flight
+        if len(receiver.requests) <= 10:
+            await release.wait()
+            return web.Response()
+        in_flight += 1
+        at_arrival.append(in_flight)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            in_flight -= 1
+        return web.Response()
+
+    async def slow(_: web.Request, __: bytes) -> web.Response:
+        await asyncio.sleep(0.1)
+        return web.Response()
+
+    receiver.handler = answer
+    busy.handler = slow
+    ids: list[str] = []
+    for url, count in ((receiver.url, 30), (busy.url, 300)):
+        account = await make_account(pool)
+        webhook_id, _ = await make_webhook(pool, wsettings, account, url)
+        await cached(worker, webhook_id)
+        events = [make_event(account) for _ in range(count)]
+        for event in events:
+            await publisher.publish(event)
+        ids += [dlv(webhook_id, account, e) for e in events]
+    try:
+        rows = await wait_final(pool, ids, timeout=30)
+    finally:
+        release.set()
+    assert {row["status"] for row in rows.values()} == {"succeeded"}
+    # The first ten went out together and timed out while the busy endpoint held its slots:
+    # the hanging one was narrowed to one attempt at a time (else ten would arrive at once) ...
+    assert at_arrival[:2] == [1, 1], at_arrival
+    # ... and widened again as its attempts succeeded.
+    assert max(at_arrival) > 1, at_arrival
