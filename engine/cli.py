@@ -86,6 +86,7 @@ async def _migrate(settings: Settings, _: argparse.Namespace) -> int:
 
 
 async def _accounts(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.api.auth import WEBHOOK_PLANS  # noqa: PLC0415
     from engine.store import accounts  # noqa: PLC0415
 
     pool_conn = await _connect_db(settings)
@@ -96,6 +97,12 @@ async def _accounts(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await pool_conn.close()
     _print_json({"accountId": account_id, "apiKey": api_key})
+    if args.plan not in WEBHOOK_PLANS:
+        # Any plan name is allowed, so a typo of `business` would pass silently without this.
+        sys.stderr.write(
+            f"note: plan {args.plan!r} has no webhook access "
+            f"(only {', '.join(sorted(WEBHOOK_PLANS))}); its keys will get 403 plan_required\n"
+        )
     return 0
 
 

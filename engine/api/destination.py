@@ -43,6 +43,10 @@ async def check_destination(url: str, allowed: Iterable[IPNetwork]) -> None:
         if reason := blocked_reason(literal, allowed):
             raise _not_allowed(reason)
         return
+    # `*.localhost` is loopback by definition (RFC 6761), whatever the resolver says today.
+    loopback = ipaddress.ip_address("127.0.0.1")
+    if host.lower().endswith(".localhost") and (reason := blocked_reason(loopback, allowed)):
+        raise _not_allowed(f"{host} is a loopback name: {reason}")
     try:
         valid = bool(host.encode("idna"))
     except UnicodeError:

@@ -75,6 +75,8 @@ async def test_any_other_plan_can_be_created_and_is_refused_by_the_api(
         database_url, "accounts", "create", "--name", "Other", "--plan", plan
     )
     assert code == 0, err
+    # A typo of `business` would look just like this: the operator is told.
+    assert f"plan {plan.lower()!r} has no webhook access" in err
     created = orjson.loads(out)
     status, body, _ = await Client(http, api, created["apiKey"]).call("GET", "/api/v1/webhooks")
     assert (status, body["error"]["code"]) == (403, "plan_required")

@@ -51,6 +51,9 @@ async def strict_api(api_settings: Settings, pool: asyncpg.Pool[Any]) -> AsyncIt
         "https://2130706433./hook",
         "https://localhost./hook",
         "https://LOCALHOST.:9000/hook",
+        # Loopback by definition (RFC 6761), whatever this machine's resolver says of them.
+        "https://hooks.localhost/hook",
+        "https://a.b.LOCALHOST.:8443/hook",
     ],
 )
 async def test_blocked_destinations_are_refused(
