@@ -164,6 +164,8 @@ async def test_webhook(request: web.Request) -> web.Response:
     target = await webhooks.load_one(pool, webhook_id, request.app[BOX])
     if target is None or (target.account_id, target.mode) != (who.account_id, who.mode):
         raise _not_found(webhook_id)
+    # Opened before anything is recorded: a secret this API cannot open leaves no delivery.
+    secret = target.secret
 
     event_type = target.events[0]
     event = Event(
@@ -190,9 +192,7 @@ async def test_webhook(request: web.Request) -> web.Response:
         data=event.data,
         test=True,
     )
-    headers = request_headers(
-        secret=target.secret, body=body, event_type=event_type, delivery_id=dlv_id
-    )
+    headers = request_headers(secret=secret, body=body, event_type=event_type, delivery_id=dlv_id)
     attempted_at = datetime.now(UTC)
     try:
         outcome = await request.app[SENDER].send(target.url, body, headers)

@@ -184,13 +184,7 @@ class SubscriptionCache:
 
     async def refresh(self, webhook_id: str) -> WebhookTarget | None:
         """Reload one webhook from Postgres; return it if active, else drop it."""
-        try:
-            target = await load_one(self._pool, webhook_id, self._box)
-        except ValueError as exc:
-            log.error(  # noqa: TRY400 - the reason says it all; a traceback adds nothing
-                "cannot open webhook secret", extra={"webhook_id": webhook_id, "error": str(exc)}
-            )
-            target = None
+        target = await load_one(self._pool, webhook_id, self._box)
         if target is not None and not target.active:
             target = None
         if self._reloading:

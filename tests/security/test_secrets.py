@@ -166,8 +166,15 @@ async def test_migrate_encrypts_plain_rows_and_rotates_old_key_rows(
         assert retired.returncode == 0, retired.stderr
         targets = await load_active(conn, SecretBox((K2,)))
         assert {t.id: t.secret for t in targets} == plain
-        # A worker holding only a wrong key skips the rows it cannot open, and says so.
-        assert await load_active(conn, SecretBox((K3,))) == []
+        # A worker holding only a wrong key still caches every webhook (its events still make
+        # deliveries); a secret it cannot open fails when used, saying why, echoing nothing.
+        wrong = await load_active(conn, SecretBox((K3,)))
+        assert {t.id for t in wrong} == set(plain)
+        for target in wrong:
+            with pytest.raises(ValueError, match="not in CARGOLINT_SECRET_KEY") as caught:
+                _ = target.secret
+            assert plain[target.id] not in str(caught.value)
+            assert plain[target.id] not in repr(target)
     finally:
         await conn.close()
 

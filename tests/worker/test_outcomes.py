@@ -13,11 +13,13 @@ import orjson
 import pytest
 import trustme
 from aiohttp import web
+from cryptography.fernet import Fernet
 
 from engine.delivery import Outcome, Sender
 from engine.settings import Settings
 from engine.worker.dispatcher import INTERNAL
 from engine.worker.main import Worker
+from tests.conftest import with_
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,
@@ -370,3 +372,32 @@ async def test_an_endpoint_that_hangs_is_narrowed_while_slots_are_in_demand_then
     assert at_arrival[:2] == [1, 1], at_arrival
     # ... and widened again as its attempts succeeded.
     assert max(at_arrival) > 1, at_arrival
+
+
+async def test_a_secret_the_worker_cannot_open_fails_its_attempts_and_loses_nothing(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # The webhook's secret is sealed with a key this worker does not hold (a botched rotation).
+    sealing = with_(wsettings, secret_keys=(Fernet.generate_key().decode(),))
+    worker = await start_worker(
+        secret_keys=(Fernet.generate_key().decode(),), retry_schedule=(0.1, 0.1)
+    )
+    account = await make_account(pool)
+    webhook_id, secret = await make_webhook(pool, sealing, account, receiver.url)
+    await cached(worker, webhook_id)
+    event = make_event(account)
+    await publisher.publish(event)
+    delivery_id = dlv(webhook_id, account, event)
+    row = (await wait_final(pool, [delivery_id]))[delivery_id]
+    # The event still made its delivery; every attempt failed before any byte was sent.
+    assert row["status"] == "failed"
+    attempts = await _attempts(pool, delivery_id)
+    assert [a["error_class"] for a in attempts] == [INTERNAL] * 3
+    assert all("cannot open signing secret" in a["error"] for a in attempts)
+    assert all(secret not in a["error"] for a in attempts)
+    assert receiver.requests == []
