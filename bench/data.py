@@ -1,7 +1,8 @@
 """Accounts and webhooks written straight into Postgres with COPY, and delivery counts read back.
 
 The API is not what the benchmark measures, so scenarios insert their subscriptions directly
-(the `accounts` and `webhooks` tables of 0001_initial.sql, secrets stored as `plain:<secret>`).
+(the `accounts` and `webhooks` tables of 0001_initial.sql). Each signing secret is sealed with
+`SECRET_KEY`, which the benchmark's workers hold, as in production (CARGOLINT_SECRET_KEY set).
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from cryptography.fernet import Fernet
 
 from bench.payload import EVENT_TYPE, SECRET
+from engine.core.crypto import SecretBox
 
-__all__ = ["Counts", "Webhook", "counts", "insert_webhooks", "settle", "wait_settled"]
+__all__ = [
+    "SECRET_KEY",
+    "Counts",
+    "Webhook",
+    "counts",
+    "insert_webhooks",
+    "settle",
+    "wait_settled",
+]
+
+SECRET_KEY = Fernet.generate_key().decode()  # this run's CARGOLINT_SECRET_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +47,9 @@ def webhook_id(prefix: str, n: int) -> str:
 async def insert_webhooks(pool: asyncpg.Pool[Any], webhooks: Sequence[Webhook]) -> None:
     """COPY the webhooks and their (business plan, live mode) accounts in."""
     accounts = sorted({w.account_id for w in webhooks})
+    box = SecretBox((SECRET_KEY,))
+    # Sealed one by one, as the API does: every row its own token, none opened in advance.
+    sealed = [box.seal(SECRET) for _ in webhooks]
     async with pool.acquire() as conn, conn.transaction():
         await conn.copy_records_to_table(
             "accounts",
@@ -43,8 +59,8 @@ async def insert_webhooks(pool: asyncpg.Pool[Any], webhooks: Sequence[Webhook]) 
         await conn.copy_records_to_table(
             "webhooks",
             records=[
-                (w.id, w.account_id, "live", w.url, [EVENT_TYPE], True, f"plain:{SECRET}")
-                for w in webhooks
+                (w.id, w.account_id, "live", w.url, [EVENT_TYPE], True, secret)
+                for w, secret in zip(webhooks, sealed, strict=True)
             ],
             columns=["id", "account_id", "mode", "url", "events", "active", "secret"],
         )

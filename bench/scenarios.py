@@ -17,7 +17,15 @@ from typing import Any
 
 import asyncpg
 
-from bench.data import Webhook, counts, insert_webhooks, settle, wait_settled, webhook_id
+from bench.data import (
+    SECRET_KEY,
+    Webhook,
+    counts,
+    insert_webhooks,
+    settle,
+    wait_settled,
+    webhook_id,
+)
 from bench.env import Certificates
 from bench.procs import (
     CpuMeter,
@@ -114,7 +122,7 @@ class Bench:
             "CARGOLINT_CA_BUNDLE": str(self.certs.ca),
             "CARGOLINT_ALLOWED_NETWORKS": "127.0.0.0/8",
             "CARGOLINT_ALLOW_HTTP": "0",
-            "CARGOLINT_SECRET_KEY": "",
+            "CARGOLINT_SECRET_KEY": SECRET_KEY,
             "CARGOLINT_SHUTDOWN_GRACE": "3",
             "CARGOLINT_LOG_LEVEL": self.log_level,
             "CARGOLINT_MAX_IN_FLIGHT": c,
