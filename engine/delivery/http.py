@@ -48,7 +48,6 @@ class Sender:
     """
 
     def __init__(self, settings: Settings, resolver: SafeResolver | None = None) -> None:
-        self._settings = settings
         self._timeout = settings.delivery_timeout
         context = ssl.create_default_context()
         if settings.ca_bundle is not None:

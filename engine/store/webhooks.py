@@ -11,7 +11,6 @@ return `WebhookTarget`s with the signing secret already opened.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -37,7 +36,6 @@ __all__ = [
     "webhook_json",
 ]
 
-log = logging.getLogger(__name__)
 
 Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
 

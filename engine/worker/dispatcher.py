@@ -205,28 +205,26 @@ class Dispatcher:
                 return
             if job.received_at is not None and job.attempt == 1:
                 self._metrics.event_lag.observe(asyncio.get_running_loop().time() - job.received_at)
-            ids = {"delivery_id": job.delivery_id, "webhook_id": job.webhook_id}
             attempted_at = datetime.now(UTC)
             try:
-                body, headers = _request(job, target)
+                secret = target.secret
             except ValueError as exc:
-                # The webhook's secret is sealed with a key this worker lacks. Nothing is sent;
-                # the attempt fails and is retried on schedule, so a fixed key delivers it.
+                # Sealed with a key this worker lacks. Nothing is sent; the attempt fails and is
+                # retried on schedule, so a fixed key delivers it.
                 log.error(  # noqa: TRY400 - the reason says it all; a traceback adds nothing
                     "cannot open the webhook's signing secret",
-                    extra={**ids, "error": str(exc)},
+                    extra={**_ids(job), "error": str(exc)},
                 )
                 outcome = Outcome(False, None, 0, INTERNAL, f"cannot open signing secret: {exc}")
-                self._recorder.attempted(job, outcome, attempted_at)
-                self._adapt(ep, succeeded=False)
-                return
-            try:
-                outcome = await self._sender.send(target.url, body, headers)
-            except Exception as exc:
-                # A bug of ours, not the receiver's fault. Recorded as a failed attempt, so
-                # the delivery follows its retry schedule instead of staying held here.
-                log.exception("delivery attempt raised", extra=ids)
-                outcome = Outcome(False, None, 0, INTERNAL, f"internal error: {type(exc).__name__}")
+            else:
+                try:
+                    outcome = await self._sender.send(target.url, *_request(job, target, secret))
+                except Exception as exc:
+                    # A bug of ours, not the receiver's fault. Recorded as a failed attempt, so
+                    # the delivery follows its retry schedule instead of staying held here.
+                    log.exception("delivery attempt raised", extra=_ids(job))
+                    error = f"internal error: {type(exc).__name__}"
+                    outcome = Outcome(False, None, 0, INTERNAL, error)
             self._recorder.attempted(job, outcome, attempted_at)
             self._adapt(ep, outcome.succeeded)
         finally:
@@ -289,7 +287,11 @@ class Dispatcher:
         return cancelled
 
 
-def _request(job: Job, target: WebhookTarget) -> tuple[bytes, dict[str, str]]:
+def _ids(job: Job) -> dict[str, str]:
+    return {"delivery_id": job.delivery_id, "webhook_id": job.webhook_id}
+
+
+def _request(job: Job, target: WebhookTarget, secret: str) -> tuple[bytes, dict[str, str]]:
     event = job.event
     body = build_body(
         event_type=event.type,
@@ -299,6 +301,6 @@ def _request(job: Job, target: WebhookTarget) -> tuple[bytes, dict[str, str]]:
         data=event.data,
     )
     headers = request_headers(
-        secret=target.secret, body=body, event_type=event.type, delivery_id=job.delivery_id
+        secret=secret, body=body, event_type=event.type, delivery_id=job.delivery_id
     )
     return body, headers
