@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from typing import Any
 
 import asyncpg
@@ -57,7 +56,6 @@ class Poller:
         self._worker_id = worker_id
         self._hostname = socket.gethostname()
         self._tasks: list[asyncio.Task[None]] = []
-        self._released_at = float("-inf")  # when release_lapsed last ran
 
     @property
     def beat_interval(self) -> float:
@@ -86,6 +84,7 @@ class Poller:
             try:
                 await self._beat()
                 await self._release_orphans()
+                await self._release_lapsed()
                 depth = await queue_depth(self._pool)
             except TRANSIENT as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
@@ -108,16 +107,17 @@ class Poller:
             await release_deliveries(self._pool, orphans)
             log.warning("released orphaned claims", extra={"count": len(orphans)})
 
+    async def _release_lapsed(self) -> None:
+        """Hand the claims of gone or silent workers back to `claim_due` (reads every pending
+        delivery, hence once a beat rather than once a poll)."""
+        released = await release_lapsed(
+            self._pool, self._worker_id, lease=self._settings.worker_lease
+        )
+        if released:
+            log.warning("released claims of lapsed workers", extra={"count": released})
+
     async def poll_once(self) -> int:
         """Claim what is due (up to the dispatcher's room) and dispatch it; return the count."""
-        now = time.monotonic()
-        if now - self._released_at >= self.beat_interval:
-            released = await release_lapsed(
-                self._pool, self._worker_id, lease=self._settings.worker_lease
-            )
-            self._released_at = now
-            if released:
-                log.warning("released claims of lapsed workers", extra={"count": released})
         limit = min(CLAIM_BATCH, self._dispatcher.room())
         claimed = await claim_due(self._pool, self._worker_id, limit=limit)
         if claimed:
