@@ -56,6 +56,7 @@ class Tally:
     arrivals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     ok_ids: set[bytes] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)
+    arrived_at: list[float] = field(default_factory=list)  # beside each latency
     bad_signatures: int = 0
     connections: int = 0
     first_ok: float | None = None
@@ -92,6 +93,7 @@ class Receiver:
             except ValueError:
                 return
             tally.latencies.append(now - sent)
+            tally.arrived_at.append(now)
 
     def count(self) -> dict[str, Any]:
         t = self.tally
@@ -114,7 +116,26 @@ class Receiver:
             "p999": percentile(values, 99.9),
             "max": values[-1] if values else None,
         }
+        result["tail"] = _tail_by_second(self.tally, result["latency"]["p99"])
         return result
+
+
+def _tail_by_second(tally: Tally, p99: float | None) -> list[list[float]]:
+    """Where in time the slowest 1% fell: [second from the first arrival, arrivals, of them
+    at or over p99, worst ms] for each second that holds any of them — a few seconds holding
+    most of the tail is a stall; a tail spread over every second is queueing."""
+    if p99 is None or not tally.arrived_at:
+        return []
+    start = tally.arrived_at[0]
+    seconds: dict[int, list[float]] = {}
+    for at, latency in zip(tally.arrived_at, tally.latencies, strict=True):
+        row = seconds.setdefault(int(at - start), [0, 0, 0.0])
+        row[0] += 1
+        if latency >= p99:
+            row[1] += 1
+            row[2] = max(row[2], latency * 1000)
+    rows = sorted(seconds.items())
+    return [[s, n, slow, round(worst, 1)] for s, (n, slow, worst) in rows if slow]
 
 
 def _header(head_lower: bytes, name: bytes) -> bytes | None:

@@ -294,6 +294,7 @@ async def _paced(
     b.record_cpu(name, meter, count)
     stats = await b.receiver.stats()
     b.results.extra[f"{name}_tls_connections"] = stats["connections"]
+    b.results.extra[f"{name}_tail_by_second"] = stats["tail"]
     b.results.check(
         f"{name}: every healthy delivery arrived",
         stats["okUnique"] >= want,

@@ -225,8 +225,17 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 q("sum({P}deliveries_queued{SEL})", "queued"),
             ),
             ts(
+                "Failing endpoints and parked deliveries",
+                "Endpoints whose last 5+ attempts all failed (paced while a worker is behind), "
+                "and deliveries they had no room for, parked in Postgres until later.",
+                "short",
+                q("max({P}endpoints_failing{SEL})", "failing endpoints (busiest worker)"),
+                q("sum(rate({P}deliveries_parked_total{SEL}[$__rate_interval]))", "parked/s"),
+            ),
+            ts(
                 "Rate-limit waits by limit",
-                "Times a delivery waited for its endpoint's rate or concurrency limit.",
+                "Times a delivery waited for its endpoint's rate or concurrency limit, or its "
+                "pacing while failing.",
                 "ops",
                 q(
                     "sum by (limit) (rate({P}rate_limit_waits_total{SEL}[$__rate_interval]))",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from engine.core.events import Event
 from engine.store.deliveries import Conn
@@ -20,6 +21,7 @@ __all__ = [
     "end_deliveries",
     "heartbeat",
     "own_stale",
+    "park_deliveries",
     "queue_depth",
     "release_deliveries",
     "release_lapsed",
@@ -185,6 +187,20 @@ async def release_worker(conn: Conn, worker_id: str) -> int:
         worker_id,
     )
     return released
+
+
+async def park_deliveries(
+    conn: Conn, delivery_ids: Sequence[str], until: Sequence[datetime]
+) -> None:
+    """Give up this worker's hold on pending deliveries, each due again no sooner than `until`."""
+    await conn.execute(
+        """UPDATE deliveries d SET claimed_by = NULL,
+                                   next_attempt_at = GREATEST(d.next_attempt_at, u.until)
+           FROM unnest($1::text[], $2::timestamptz[]) AS u(id, until)
+           WHERE d.id = u.id AND d.status = 'pending'""",
+        list(delivery_ids),
+        list(until),
+    )
 
 
 async def release_deliveries(conn: Conn, delivery_ids: Sequence[str]) -> None:

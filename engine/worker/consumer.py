@@ -86,6 +86,10 @@ BATCH_MAX = 500
 GATHER = 0.002
 GATHER_ENOUGH = 50
 STREAM_GAP = 0.05
+# The worker is *behind* once its consumer has found a message waiting every time it looked,
+# for this long: a backlog, not a steady flow, which leaves it idle between arrivals (failing
+# endpoints are paced meanwhile).
+BEHIND_AFTER = 0.5
 # Acks wait for company this long at most (they hold prefetch slots meanwhile, nothing else).
 ACK_DELAY = 0.02
 ACK_EVERY = 200
@@ -148,8 +152,15 @@ class Consumer:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_due = False
         self._last_batch_at = float("-inf")
+        self._idle_at = float("inf")  # when it last found nothing to do (inf: not started)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+
+    def behind(self) -> bool:
+        """Whether messages have been waiting for this worker without a break lately."""
+        if not self._arrived.is_set() and not self._buffer:
+            return False  # idle now
+        return asyncio.get_running_loop().time() - self._idle_at >= BEHIND_AFTER
 
     @property
     def connected(self) -> bool:
@@ -247,6 +258,8 @@ class Consumer:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
+            if not self._arrived.is_set():
+                self._idle_at = loop.time()
             await self._arrived.wait()
             if (
                 self._buffer

@@ -8,6 +8,14 @@ are in demand, soon just one, as each failure halves its concurrency and each su
 back — and the rest of its backlog waits in its own queue (acked already, durable in Postgres)
 and delays nobody else.
 
+An endpoint whose last attempts all failed is *failing* (`engine.core.breaker`). While the
+worker is `behind` (its consumer has a backlog), a failing endpoint starts one attempt per
+pause, a pause that grows per failure, until one succeeds: a receiver that answers 500 at once
+then costs the busy worker little more than one that hangs, and the time goes to everybody
+else. With time to spare, retries keep their schedule. A failing endpoint holds at most
+`hold_each` jobs in memory; the ones beyond are parked — put back in Postgres, due a while
+later — so dead endpoints cannot fill the memory that healthy ones' deliveries pass through.
+
 Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL
 and secret, and a deleted or deactivated webhook ends the delivery `failed` with no request.
 """
@@ -23,6 +31,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+from engine.core.breaker import Breaker
 from engine.core.payload import build_body
 from engine.core.ratelimit import TokenBucket
 from engine.core.signing import request_headers
@@ -55,14 +64,27 @@ def endpoint_key(url: str) -> str:
 
 
 class _Endpoint:
-    __slots__ = ("active", "bucket", "key", "last_used", "limit", "pump", "queue", "slot_freed")
+    __slots__ = (
+        "active",
+        "breaker",
+        "bucket",
+        "key",
+        "last_used",
+        "limit",
+        "pump",
+        "queue",
+        "slot_freed",
+    )
 
-    def __init__(self, key: str, bucket: TokenBucket, now: float, limit: int) -> None:
+    def __init__(
+        self, key: str, bucket: TokenBucket, breaker: Breaker, now: float, limit: int
+    ) -> None:
         self.key = key
         self.queue: deque[Job] = deque()
         self.active = 0
         self.limit = limit  # attempts it may have in flight now: see Dispatcher._adapt
         self.bucket = bucket
+        self.breaker = breaker
         self.slot_freed = asyncio.Event()
         self.pump: asyncio.Task[None] | None = None
         self.last_used = now
@@ -98,9 +120,19 @@ class Dispatcher:
         self._sweeper: asyncio.Task[None] | None = None
         # Bound on jobs held in memory; beyond it new work stays in Postgres for the poller.
         self.capacity = max(10_000, 20 * settings.max_in_flight)
+        # Bound on the jobs one failing endpoint holds; beyond it they are parked in Postgres.
+        self.hold_each = self.capacity // 20
+        # The longest pause between a failing endpoint's attempts: at most a second, and never
+        # longer than the first retry's wait, so a short schedule is not stretched much.
+        self._pause_cap = max(0.01, min(1.0, *settings.retry_schedule[:1]))
+        # Whether the worker is behind on its work (set by the worker: the consumer's backlog).
+        self.behind: Callable[[], bool] = lambda: False
         # Read when scraped, not set per attempt.
         metrics.in_flight.set_function(lambda: len(self._attempts))
         metrics.queued.set_function(lambda: self._queued)
+        metrics.endpoints_failing.set_function(
+            lambda: sum(1 for ep in self._endpoints.values() if ep.breaker.tripped)
+        )
 
     @property
     def queued(self) -> int:
@@ -148,7 +180,11 @@ class Dispatcher:
             rate = self._settings.endpoint_rate
             bucket = TokenBucket(rate, max(1.0, rate), now)
             limit = self._settings.endpoint_concurrency
-            endpoint = self._endpoints[key] = _Endpoint(key, bucket, now, limit)
+            breaker = Breaker(self._pause_cap)
+            endpoint = self._endpoints[key] = _Endpoint(key, bucket, breaker, now, limit)
+        elif endpoint.breaker.tripped and len(endpoint.queue) >= self.hold_each:
+            self._recorder.park(job, endpoint.breaker.park_for())
+            return
         endpoint.queue.append(job)
         endpoint.last_used = now
         self._queued += 1
@@ -175,6 +211,12 @@ class Dispatcher:
                     ep.slot_freed.clear()
                     await ep.slot_freed.wait()
                     continue
+                if ep.breaker.tripped and self.behind():
+                    pause = ep.breaker.wait(self._clock())
+                    if pause > 0:
+                        waits("failing").inc()
+                        await asyncio.sleep(pause)
+                        continue
                 wait = ep.bucket.try_take(self._clock())
                 if wait > 0:
                     waits("rate").inc()
@@ -191,6 +233,7 @@ class Dispatcher:
                 self._queued -= 1
                 ep.active += 1
                 ep.last_used = self._clock()
+                ep.breaker.started(ep.last_used)
                 task = asyncio.create_task(self._attempt(ep, job))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
@@ -226,7 +269,8 @@ class Dispatcher:
                     error = f"internal error: {type(exc).__name__}"
                     outcome = Outcome(False, None, 0, INTERNAL, error)
             self._recorder.attempted(job, outcome, attempted_at)
-            self._adapt(ep, outcome.succeeded)
+            if outcome.error_class != INTERNAL:  # our failure says nothing about the endpoint
+                self._adapt(ep, outcome.succeeded)
         finally:
             ep.active -= 1
             ep.slot_freed.set()
@@ -249,13 +293,16 @@ class Dispatcher:
         An endpoint that fails or hangs soon has a single attempt in flight while slots are in
         demand (`_cap`), so it holds one global slot rather than `endpoint_concurrency` of them
         and its backlog waits in its own queue; each success gives a slot back, up to the
-        configured concurrency.
+        configured concurrency. The breaker counts the streak of failures that pauses it.
         """
         if succeeded:
+            ep.breaker.succeeded()
             if ep.limit < self._settings.endpoint_concurrency:
                 ep.limit += 1
-        elif ep.limit > 1:
-            ep.limit //= 2
+        else:
+            ep.breaker.failed()
+            if ep.limit > 1:
+                ep.limit //= 2
 
     async def _sweep(self) -> None:
         while True:

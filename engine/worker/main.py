@@ -74,6 +74,7 @@ class Worker:
             metrics=self.metrics,
             worker_id=self.id,
         )
+        self.dispatcher.behind = self.consumer.behind
         self._started = False
 
     async def start(self) -> None:

@@ -142,9 +142,19 @@ class Metrics:
         )
         self.rate_limit_waits = Counter(
             p + "rate_limit_waits_total",
-            "Times a delivery waited for its endpoint's rate or concurrency limit.",
+            "Times a delivery waited for its endpoint's limits, or its pacing while failing.",
             ["limit"],
-            registry=r,  # limit: rate | concurrency | global
+            registry=r,  # limit: rate | concurrency | global | failing
+        )
+        self.endpoints_failing = Gauge(
+            p + "endpoints_failing",
+            "Endpoints whose last 5 or more attempts all failed (paced while a worker is behind).",
+            registry=r,
+        )
+        self.deliveries_parked = Counter(
+            p + "deliveries_parked_total",
+            "Deliveries a failing endpoint had no room for, put back in Postgres until later.",
+            registry=r,
         )
         self.cache_webhooks = Gauge(
             p + "cache_webhooks", "Active webhooks in the subscription cache.", registry=r

@@ -6,6 +6,8 @@ after a wait of GATHER for company), so batches grow with load and an idle worke
 attempt at once. A failed attempt with attempts left gets
 `next_attempt_at` from the retry schedule (Retry-After honoured) and loses its claim, so any
 worker's poller may take it when due; after the last attempt the delivery is `failed`.
+Parked deliveries (a failing endpoint had no room for them) lose their claim the same way, due
+again a while later, with no attempt recorded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -22,7 +24,7 @@ from engine.core.backoff import next_delay
 from engine.delivery import Outcome
 from engine.settings import Settings
 from engine.store.deliveries import AttemptRecord, record_attempts
-from engine.store.queue import end_deliveries, release_deliveries
+from engine.store.queue import end_deliveries, park_deliveries, release_deliveries
 from engine.worker.job import Job
 from engine.worker.metrics import Metrics
 from engine.worker.retrying import retry_transient
@@ -53,6 +55,7 @@ class Recorder:
         self._metrics = metrics
         self._records: list[AttemptRecord] = []
         self._gone: list[str] = []
+        self._parked: list[tuple[str, datetime]] = []
         self._pending = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -119,6 +122,13 @@ class Recorder:
         self._gone.append(job.delivery_id)
         self._wake()
 
+    def park(self, job: Job, seconds: float) -> None:
+        """Give the delivery back to Postgres, due again in `seconds` at the earliest."""
+        self._metrics.deliveries_parked.inc()
+        until = datetime.now(UTC) + timedelta(seconds=seconds)
+        self._parked.append((job.delivery_id, until))
+        self._wake()
+
     def _wake(self) -> None:
         self._idle.clear()
         self._pending.set()
@@ -129,7 +139,7 @@ class Recorder:
         while True:
             await self._pending.wait()
             if (
-                len(self._records) + len(self._gone) < GATHER_ENOUGH
+                len(self._records) + len(self._gone) + len(self._parked) < GATHER_ENOUGH
                 and loop.time() - last_batch_at < STREAM_GAP
             ):
                 await asyncio.sleep(GATHER)
@@ -137,27 +147,35 @@ class Recorder:
             self._pending.clear()
             records, self._records = self._records, []
             gone, self._gone = self._gone, []
-            if records or gone:
+            parked, self._parked = self._parked, []
+            if records or gone or parked:
                 try:
-                    await self._write(records, gone)
+                    await self._write(records, gone, parked)
                 except Exception:  # never drop an outcome: put it back and try again soon
                     log.exception("recording attempts failed; will try again")
                     self._records[:0] = records
                     self._gone[:0] = gone
+                    self._parked[:0] = parked
                     await asyncio.sleep(1.0)
                     self._pending.set()
                     continue
-                self.on_written([r.delivery_id for r in records] + gone)
-            if not self._records and not self._gone:
+                self.on_written([r.delivery_id for r in records] + gone + [i for i, _ in parked])
+            if not self._records and not self._gone and not self._parked:
                 self._idle.set()
 
-    async def _write(self, records: list[AttemptRecord], gone: list[str]) -> None:
+    async def _write(
+        self, records: list[AttemptRecord], gone: list[str], parked: list[tuple[str, datetime]]
+    ) -> None:
         async def write() -> None:
             # No transaction: each statement commits on its own and may be run again (a
-            # retried write adds no attempt twice), and the two concern different deliveries.
+            # retried write adds no attempt twice), and they concern different deliveries.
             async with self._pool.acquire() as conn:
-                await record_attempts(conn, records)
-                await end_deliveries(conn, gone, error=GONE)
+                if records:
+                    await record_attempts(conn, records)
+                if gone:
+                    await end_deliveries(conn, gone, error=GONE)
+                if parked:
+                    await park_deliveries(conn, [i for i, _ in parked], [u for _, u in parked])
 
         try:
             await retry_transient(write, what="record attempts")
@@ -165,7 +183,7 @@ class Recorder:
             # Not an outage but a row Postgres refuses: free the claims so the deliveries are
             # attempted again rather than held by this worker until it restarts.
             log.exception("cannot record attempts; releasing their deliveries")
-            ids = [r.delivery_id for r in records] + gone
+            ids = [r.delivery_id for r in records] + gone + [i for i, _ in parked]
             await retry_transient(
                 lambda: release_deliveries(self._pool, ids), what="release deliveries"
             )

@@ -1,0 +1,74 @@
+"""The failure-streak arithmetic that paces a failing endpoint (`now` passed in)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.breaker import FIRST_PAUSE, MAX_PARK, MIN_PARK, TRIP, Breaker
+
+
+def _failed(breaker: Breaker, times: int) -> Breaker:
+    for _ in range(times):
+        breaker.failed()
+    return breaker
+
+
+@pytest.mark.parametrize(
+    ("failures", "cap", "wait"),
+    [
+        (0, 1.0, 0.0),
+        (TRIP - 1, 1.0, 0.0),  # not paused yet: failures below the trip cost no wait
+        (TRIP, 1.0, FIRST_PAUSE),
+        (TRIP + 1, 1.0, 2 * FIRST_PAUSE),
+        (TRIP + 3, 1.0, 8 * FIRST_PAUSE),
+        (TRIP + 5, 1.0, 1.0),  # doubled past the cap
+        (TRIP + 5, 0.2, 0.2),  # a short retry schedule keeps the pause short
+        (TRIP + 10_000, 1.0, 1.0),  # a streak of hours does not overflow
+    ],
+)
+def test_pause_after_a_streak(failures: int, cap: float, wait: float) -> None:
+    breaker = _failed(Breaker(cap), failures)
+    assert breaker.tripped is (failures >= TRIP)
+    assert breaker.pause == pytest.approx(wait)
+    assert breaker.wait(100.0) == 0.0  # nothing started yet
+    breaker.started(100.0)
+    assert breaker.wait(100.0) == pytest.approx(wait)
+
+
+def test_the_pause_counts_from_the_last_start_and_passes() -> None:
+    breaker = _failed(Breaker(1.0), TRIP)
+    breaker.started(100.0)
+    assert breaker.wait(100.0 + FIRST_PAUSE / 2) == pytest.approx(FIRST_PAUSE / 2)
+    assert breaker.wait(100.0 + FIRST_PAUSE) == 0.0
+    breaker.failed()
+    breaker.started(200.0)
+    assert breaker.wait(200.0) == pytest.approx(2 * FIRST_PAUSE)
+
+
+def test_one_success_ends_the_streak() -> None:
+    breaker = _failed(Breaker(1.0), TRIP + 4)
+    breaker.started(100.0)
+    breaker.succeeded()
+    assert not breaker.tripped
+    assert breaker.wait(100.0) == 0.0
+    # and the next streak starts from nothing
+    _failed(breaker, TRIP - 1)
+    breaker.started(100.0)
+    assert breaker.wait(100.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("failures", "cap", "park"),
+    [
+        (TRIP, 0.2, MIN_PARK),  # a fresh streak: parked for the floor
+        (20, 1.0, 20.0),  # grows with the streak
+        (100_000, 1.0, MAX_PARK),  # a long-dead endpoint: bounded
+    ],
+)
+def test_park_for(failures: int, cap: float, park: float) -> None:
+    assert _failed(Breaker(cap), failures).park_for() == pytest.approx(park)
+
+
+def test_cap_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="cap"):
+        Breaker(0.0)

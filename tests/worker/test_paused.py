@@ -1,0 +1,243 @@
+"""An endpoint that keeps failing is paced while the worker is behind; its overflow is parked."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from engine.core.breaker import MIN_PARK, TRIP
+from engine.settings import Settings
+from engine.worker.main import Worker
+from tests.receiver import Receiver
+from tests.worker.helpers import (
+    Publisher,
+    cached,
+    dlv,
+    eventually,
+    make_account,
+    make_event,
+    make_webhook,
+    statuses,
+    wait_final,
+)
+
+# Long enough that no delivery runs out of attempts while its endpoint is down in these tests.
+SCHEDULE = (0.5,) * 12
+
+
+def _failing(worker: Worker) -> float:
+    name = "cargolint_webhooks_endpoints_failing"
+    return worker.metrics.registry.get_sample_value(name) or 0.0
+
+
+def _parked(worker: Worker) -> float:
+    name = "cargolint_webhooks_deliveries_parked_total"
+    return worker.metrics.registry.get_sample_value(name) or 0.0
+
+
+class Switch:
+    """A receiver handler: 500 until `heal()`, then 200."""
+
+    def __init__(self) -> None:
+        self.healthy = False
+
+    def heal(self) -> None:
+        self.healthy = True
+
+    async def __call__(self, _: web.Request, __: bytes) -> web.Response:
+        return web.Response(status=200 if self.healthy else 500)
+
+
+async def _publish(
+    pool: asyncpg.Pool[Any],
+    settings: Settings,
+    worker: Worker,
+    publisher: Publisher,
+    *,
+    url: str,
+    count: int,
+    account: str | None = None,
+    webhook_id: str | None = None,
+) -> tuple[str, str, list[str]]:
+    if account is None or webhook_id is None:
+        account = await make_account(pool)
+        webhook_id, _ = await make_webhook(pool, settings, account, url)
+        await cached(worker, webhook_id)
+    events = [make_event(account) for _ in range(count)]
+    await publisher.publish_many(events)
+    return account, webhook_id, [dlv(webhook_id, account, e) for e in events]
+
+
+async def test_a_failing_endpoint_is_paced_while_behind_and_resumes_on_a_success(
+    *,
+    start_worker: Callable[..., Any],
+    make_receiver: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=SCHEDULE)
+    worker.dispatcher.behind = lambda: True  # as if its consumer had a backlog throughout
+    switch = Switch()
+    receiver.handler = switch
+    healthy = await make_receiver()
+
+    _, _, failing_ids = await _publish(
+        pool, wsettings, worker, publisher, url=receiver.url, count=40
+    )
+    await eventually(lambda: _true(_failing(worker) == 1.0))
+    tripped_at = asyncio.get_running_loop().time()
+    # Healthy deliveries beside it go through at once.
+    _, _, healthy_ids = await _publish(
+        pool, wsettings, worker, publisher, url=healthy.url, count=20
+    )
+    rows = await wait_final(pool, healthy_ids, timeout=10)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+
+    # Paced: 40 deliveries are waiting, each would be tried twice a second on its schedule,
+    # yet the endpoint gets one attempt per pause, a pause that doubles up to 0.5 s.
+    # (Attempts under way when it tripped may still land just after: skip the first moment.)
+    await asyncio.sleep(2.0)
+    later = [r for r in receiver.requests if r.at > tripped_at + 0.2]
+    assert 1 <= len(later) <= 10, len(later)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(later)]
+    assert all(gap >= 0.04 for gap in gaps), gaps
+    # Nothing was given up on: every failing delivery is pending, most not yet attempted again.
+    rows = await statuses(pool, failing_ids)
+    assert {r["status"] for r in rows.values()} == {"pending"}
+
+    # The first success ends the pacing and the backlog drains at full speed.
+    switch.heal()
+    rows = await wait_final(pool, failing_ids, timeout=10)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    assert _failing(worker) == 0.0
+    # At least TRIP failed attempts came before the pacing (each recorded as an attempt).
+    failed_attempts = await pool.fetchval(
+        "SELECT count(*) FROM delivery_attempts WHERE delivery_id = ANY($1::text[])"
+        " AND response_status = 500",
+        failing_ids,
+    )
+    assert failed_attempts >= TRIP
+
+
+async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_in_postgres(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=SCHEDULE)
+    worker.dispatcher.hold_each = 5
+    worker.dispatcher.behind = lambda: True  # so the failing endpoint's queue stays full
+    switch = Switch()
+    receiver.handler = switch
+    account, webhook_id, first = await _publish(
+        pool, wsettings, worker, publisher, url=receiver.url, count=8
+    )
+    await eventually(lambda: _true(_failing(worker) == 1.0))
+
+    published_at = datetime.now(UTC)
+    _, _, more = await _publish(
+        pool,
+        wsettings,
+        worker,
+        publisher,
+        url=receiver.url,
+        count=20,
+        account=account,
+        webhook_id=webhook_id,
+    )
+    await eventually(lambda: _true(_parked(worker) >= 15))
+    assert worker.dispatcher.queued <= 5
+
+    async def parked_rows() -> list[asyncpg.Record]:
+        return await pool.fetch(
+            "SELECT * FROM deliveries WHERE id = ANY($1::text[]) AND claimed_by IS NULL"
+            " AND attempts = 0",
+            more,
+        )
+
+    # Parked: unclaimed, not attempted, due no sooner than MIN_PARK from now, and visible so.
+    await eventually(lambda: _nonempty(parked_rows()))
+    parked = await parked_rows()
+    assert len(parked) >= 10
+    assert all(r["status"] == "pending" for r in parked)
+    assert all(
+        r["next_attempt_at"] >= published_at + timedelta(seconds=MIN_PARK - 0.5) for r in parked
+    )
+
+    # Nothing is lost: healed, every delivery succeeds, the parked ones once they are due.
+    switch.heal()
+    rows = await wait_final(pool, first + more, timeout=MIN_PARK + 15)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    parked_ids = {r["id"] for r in parked}
+    assert all(rows[i]["last_attempt_at"] >= parked[0]["next_attempt_at"] for i in parked_ids)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _nonempty(rows: Any) -> bool:
+    return bool(await rows)
+
+
+async def test_a_failing_endpoint_keeps_the_schedule_while_the_worker_has_time(
+    worker: Worker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    receiver.handler = Switch()
+    _, _, ids = await _publish(pool, wsettings, worker, publisher, url=receiver.url, count=20)
+    # 20 deliveries x 3 attempts (schedule 0.2 s, 0.4 s): all made on time, none paced.
+    rows = await wait_final(pool, ids, timeout=10)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("failed", 3)}
+    assert _failing(worker) >= 1.0  # (retries left by earlier tests may fail here too)
+    waits = worker.metrics.registry.get_sample_value(
+        "cargolint_webhooks_rate_limit_waits_total", {"limit": "failing"}
+    )
+    assert not waits
+
+
+async def test_the_worker_is_behind_while_its_consumer_has_a_backlog(
+    *,
+    start_worker: Callable[..., Any],
+    make_receiver: Callable[..., Any],
+    publisher: Publisher,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    first = await start_worker()
+    receiver = await make_receiver()
+    account = await make_account(pool)
+    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
+    await first.stop(grace=0.5)
+    # A backlog: published while no worker consumes, taken in one go by the next one.
+    events = [make_event(account) for _ in range(2000)]
+    await publisher.publish_many(events)
+    worker = await start_worker()
+    assert await _ever(worker.consumer.behind, within=10)
+    rows = await wait_final(pool, [dlv(webhook_id, account, e) for e in events], timeout=30)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    await eventually(lambda: _true(not worker.consumer.behind()), timeout=3)
+
+
+async def _ever(check: Callable[[], bool], *, within: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.005)
+    return False
