@@ -22,13 +22,14 @@ MAX_PARK = 600.0
 class Breaker:
     """Consecutive failures of one endpoint and when it may be attempted again."""
 
-    __slots__ = ("cap", "failures", "resume_at")
+    __slots__ = ("cap", "failing_since", "failures", "resume_at")
 
     def __init__(self, cap: float) -> None:
         if cap <= 0:
             raise ValueError("cap must be > 0")
         self.cap = cap
         self.failures = 0
+        self.failing_since = 0.0  # when the streak reached TRIP
         self.resume_at = 0.0
 
     @property
@@ -39,8 +40,10 @@ class Breaker:
         self.failures = 0
         self.resume_at = 0.0
 
-    def failed(self) -> None:
+    def failed(self, now: float) -> None:
         self.failures += 1
+        if self.failures == TRIP:
+            self.failing_since = now
 
     @property
     def pause(self) -> float:
@@ -58,10 +61,11 @@ class Breaker:
         """Seconds before the next attempt may start when paced (0.0: now)."""
         return max(0.0, self.resume_at - now)
 
-    def park_for(self) -> float:
+    def park_for(self, now: float) -> float:
         """How long a delivery the failing endpoint has no room for waits in Postgres.
 
-        Grows with the streak, so a long-dead endpoint's backlog is not cycled through memory
-        every few seconds, and stays bounded, so a recovered endpoint gets it soon enough.
+        As long as the endpoint has been failing (a burst of failures in one second is not a
+        dead endpoint), so a long-dead endpoint's backlog is not cycled through memory every few
+        seconds; bounded, so a recovered endpoint gets it soon enough.
         """
-        return min(MAX_PARK, max(MIN_PARK, self.failures * self.cap))
+        return min(MAX_PARK, max(MIN_PARK, now - self.failing_since))

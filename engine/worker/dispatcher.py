@@ -183,7 +183,7 @@ class Dispatcher:
             breaker = Breaker(self._pause_cap)
             endpoint = self._endpoints[key] = _Endpoint(key, bucket, breaker, now, limit)
         elif endpoint.breaker.tripped and len(endpoint.queue) >= self.hold_each:
-            self._recorder.park(job, endpoint.breaker.park_for())
+            self._recorder.park(job, endpoint.breaker.park_for(now))
             return
         endpoint.queue.append(job)
         endpoint.last_used = now
@@ -300,7 +300,7 @@ class Dispatcher:
             if ep.limit < self._settings.endpoint_concurrency:
                 ep.limit += 1
         else:
-            ep.breaker.failed()
+            ep.breaker.failed(self._clock())
             if ep.limit > 1:
                 ep.limit //= 2
 

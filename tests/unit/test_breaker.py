@@ -7,9 +7,9 @@ import pytest
 from engine.core.breaker import FIRST_PAUSE, MAX_PARK, MIN_PARK, TRIP, Breaker
 
 
-def _failed(breaker: Breaker, times: int) -> Breaker:
+def _failed(breaker: Breaker, times: int, now: float = 100.0) -> Breaker:
     for _ in range(times):
-        breaker.failed()
+        breaker.failed(now)
     return breaker
 
 
@@ -40,7 +40,7 @@ def test_the_pause_counts_from_the_last_start_and_passes() -> None:
     breaker.started(100.0)
     assert breaker.wait(100.0 + FIRST_PAUSE / 2) == pytest.approx(FIRST_PAUSE / 2)
     assert breaker.wait(100.0 + FIRST_PAUSE) == 0.0
-    breaker.failed()
+    breaker.failed(200.0)
     breaker.started(200.0)
     assert breaker.wait(200.0) == pytest.approx(2 * FIRST_PAUSE)
 
@@ -58,15 +58,24 @@ def test_one_success_ends_the_streak() -> None:
 
 
 @pytest.mark.parametrize(
-    ("failures", "cap", "park"),
+    ("failing_for", "park"),
     [
-        (TRIP, 0.2, MIN_PARK),  # a fresh streak: parked for the floor
-        (20, 1.0, 20.0),  # grows with the streak
-        (100_000, 1.0, MAX_PARK),  # a long-dead endpoint: bounded
+        (0.0, MIN_PARK),  # a fresh streak, however many failures: parked for the floor
+        (20.0, 20.0),  # as long as it has been failing
+        (86_400.0, MAX_PARK),  # a long-dead endpoint: bounded
     ],
 )
-def test_park_for(failures: int, cap: float, park: float) -> None:
-    assert _failed(Breaker(cap), failures).park_for() == pytest.approx(park)
+def test_park_for(failing_for: float, park: float) -> None:
+    breaker = _failed(Breaker(1.0), TRIP, now=100.0)
+    _failed(breaker, 1000, now=100.0 + failing_for)  # a burst of failures counts no longer
+    assert breaker.park_for(100.0 + failing_for) == pytest.approx(park)
+
+
+def test_a_new_streak_counts_from_its_own_start() -> None:
+    breaker = _failed(Breaker(1.0), TRIP, now=100.0)
+    breaker.succeeded()
+    _failed(breaker, TRIP, now=500.0)
+    assert breaker.park_for(510.0) == pytest.approx(10.0)
 
 
 def test_cap_must_be_positive() -> None:
