@@ -26,19 +26,19 @@ async def test_kill_9_while_retries_are_due_another_worker_takes_them(
 
     counting_receiver.decide = fail_first
     doomed = await run.start_worker("doomed")
-    await publish(stack.rabbit.url, run.events(total))
-    await wait_until(
-        lambda: _first_attempts_recorded(run, total), timeout=60, what="every first attempt"
-    )
-    # Retries are due now and the doomed worker is making them: kill it part-way through.
-    await counting_receiver.wait_delivered(total // 4, timeout=30)
-    held = await run.fetchval(
-        "SELECT count(*) FROM deliveries WHERE status = 'pending' AND claimed_by IS NOT NULL"
-    )
-    doomed.kill()  # kill -9: no drain, no final writes, no released claims
-    killed = time.monotonic()
-    delivered_at_kill = counting_receiver.delivered
-    try:
+    try:  # (stop_workers also stops the doomed one if the test fails before the kill)
+        await publish(stack.rabbit.url, run.events(total))
+        await wait_until(
+            lambda: _first_attempts_recorded(run, total), timeout=60, what="every first attempt"
+        )
+        # Retries are due now and the doomed worker is making them: kill it part-way through.
+        await counting_receiver.wait_delivered(total // 4, timeout=30)
+        held = await run.fetchval(
+            "SELECT count(*) FROM deliveries WHERE status = 'pending' AND claimed_by IS NOT NULL"
+        )
+        doomed.kill()  # kill -9: no drain, no final writes, no released claims
+        killed = time.monotonic()
+        delivered_at_kill = counting_receiver.delivered
         await run.start_worker("survivor")
         await counting_receiver.wait_delivered(total, timeout=120)
         recovery = time.monotonic() - killed
