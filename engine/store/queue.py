@@ -193,6 +193,8 @@ async def park_deliveries(
     conn: Conn, delivery_ids: Sequence[str], until: Sequence[datetime]
 ) -> None:
     """Give up this worker's hold on pending deliveries, each due again no sooner than `until`."""
+    if not delivery_ids:
+        return
     await conn.execute(
         """UPDATE deliveries d SET claimed_by = NULL,
                                    next_attempt_at = GREATEST(d.next_attempt_at, u.until)

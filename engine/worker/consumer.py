@@ -158,8 +158,8 @@ class Consumer:
 
     def behind(self) -> bool:
         """Whether messages have been waiting for this worker without a break lately."""
-        if not self._arrived.is_set() and not self._buffer:
-            return False  # idle now
+        if not self._arrived.is_set():
+            return False  # idle now: nothing has arrived since the last batch was taken
         return asyncio.get_running_loop().time() - self._idle_at >= BEHIND_AFTER
 
     @property

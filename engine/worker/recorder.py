@@ -129,6 +129,9 @@ class Recorder:
         self._parked.append((job.delivery_id, until))
         self._wake()
 
+    def _waiting(self) -> int:
+        return len(self._records) + len(self._gone) + len(self._parked)
+
     def _wake(self) -> None:
         self._idle.clear()
         self._pending.set()
@@ -138,10 +141,7 @@ class Recorder:
         last_batch_at = float("-inf")
         while True:
             await self._pending.wait()
-            if (
-                len(self._records) + len(self._gone) + len(self._parked) < GATHER_ENOUGH
-                and loop.time() - last_batch_at < STREAM_GAP
-            ):
+            if self._waiting() < GATHER_ENOUGH and loop.time() - last_batch_at < STREAM_GAP:
                 await asyncio.sleep(GATHER)
             last_batch_at = loop.time()
             self._pending.clear()
@@ -159,8 +159,8 @@ class Recorder:
                     await asyncio.sleep(1.0)
                     self._pending.set()
                     continue
-                self.on_written([r.delivery_id for r in records] + gone + [i for i, _ in parked])
-            if not self._records and not self._gone and not self._parked:
+                self.on_written(_delivery_ids(records, gone, parked))
+            if not self._waiting():
                 self._idle.set()
 
     async def _write(
@@ -170,12 +170,9 @@ class Recorder:
             # No transaction: each statement commits on its own and may be run again (a
             # retried write adds no attempt twice), and they concern different deliveries.
             async with self._pool.acquire() as conn:
-                if records:
-                    await record_attempts(conn, records)
-                if gone:
-                    await end_deliveries(conn, gone, error=GONE)
-                if parked:
-                    await park_deliveries(conn, [i for i, _ in parked], [u for _, u in parked])
+                await record_attempts(conn, records)
+                await end_deliveries(conn, gone, error=GONE)
+                await park_deliveries(conn, [i for i, _ in parked], [u for _, u in parked])
 
         try:
             await retry_transient(write, what="record attempts")
@@ -183,7 +180,7 @@ class Recorder:
             # Not an outage but a row Postgres refuses: free the claims so the deliveries are
             # attempted again rather than held by this worker until it restarts.
             log.exception("cannot record attempts; releasing their deliveries")
-            ids = [r.delivery_id for r in records] + gone + [i for i, _ in parked]
+            ids = _delivery_ids(records, gone, parked)
             await retry_transient(
                 lambda: release_deliveries(self._pool, ids), what="release deliveries"
             )
@@ -203,3 +200,9 @@ class Recorder:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+
+
+def _delivery_ids(
+    records: list[AttemptRecord], gone: list[str], parked: list[tuple[str, datetime]]
+) -> list[str]:
+    return [r.delivery_id for r in records] + gone + [i for i, _ in parked]
