@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -177,11 +178,16 @@ class Publisher:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, every: float = 0.05
+    check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 10.0, every: float = 0.05
 ) -> None:
-    """Poll `check` until it is true (for state kept only in Postgres), else fail."""
+    """Poll `check` (a plain or async predicate) until it is true, else fail."""
     async with asyncio.timeout(timeout):
-        while not await check():
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
             await asyncio.sleep(every)
 
 
@@ -213,10 +219,11 @@ def dlv(webhook_id: str, account_id: str, event: dict[str, Any]) -> str:
 async def cached(worker: Any, *webhook_ids: str, timeout: float = 2.0) -> None:
     """Wait until the worker's cache holds these webhooks (NOTIFY reached it)."""
 
-    async def check() -> bool:
-        return all(worker.cache.get(w) is not None for w in webhook_ids)
-
-    await eventually(check, timeout=timeout, every=0.01)
+    await eventually(
+        lambda: all(worker.cache.get(w) is not None for w in webhook_ids),
+        timeout=timeout,
+        every=0.01,
+    )
 
 
 async def subscribed(

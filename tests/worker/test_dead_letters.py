@@ -28,6 +28,25 @@ from tests.worker.helpers import (
 )
 
 
+async def _dead_letters(
+    publisher: Publisher, prefix: str, count: int
+) -> dict[str, aio_pika.abc.AbstractIncomingMessage]:
+    """Take dead letters (acking each) until `count` whose message id starts with `prefix`
+    are found; return those by message id. Others, left by earlier tests, are dropped."""
+    assert publisher.channel is not None
+    queue = await publisher.channel.declare_queue(DEAD_QUEUE, durable=True)
+    found: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
+    async with asyncio.timeout(10):
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                if (message.message_id or "").startswith(prefix):
+                    found[message.message_id or ""] = message
+                if len(found) == count:
+                    break
+    return found
+
+
 async def test_invalid_messages_are_dead_lettered_while_valid_ones_flow(
     worker: Worker,
     publisher: Publisher,
@@ -66,19 +85,9 @@ async def test_invalid_messages_are_dead_lettered_while_valid_ones_flow(
     await receiver.wait_for(4)
     await wait_final(pool, [dlv(webhook_id, account, e) for e in good])
 
-    assert publisher.channel is not None
-    queue = await publisher.channel.declare_queue(DEAD_QUEUE, durable=True)
-    found: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
-    async with asyncio.timeout(10):
-        async with queue.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                if (message.message_id or "").startswith(run):
-                    found[message.message_id.split("-", 1)[1]] = message
-                if len(found) == len(bad):
-                    break
+    found = await _dead_letters(publisher, f"{run}-", len(bad))
     for name, (body, key, reason) in bad.items():
-        message = found[name]
+        message = found[f"{run}-{name}"]
         assert message.body == body  # the original, untouched
         assert message.routing_key == key
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
@@ -114,14 +123,7 @@ async def test_an_event_id_postgres_cannot_store_is_dead_lettered_not_retried_fo
 
     await receiver.wait_for(1)
     await wait_final(pool, [dlv(webhook_id, account, good)])
-    assert publisher.channel is not None
-    queue = await publisher.channel.declare_queue(DEAD_QUEUE, durable=True)
-    async with asyncio.timeout(10):
-        async with queue.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                if message.message_id == f"{run}-nul":
-                    break
+    message = (await _dead_letters(publisher, f"{run}-nul", 1))[f"{run}-nul"]
     headers = message.headers or {}
     assert str(headers[REASON_HEADER]).startswith("schema_invalid: id: "), headers
 
@@ -163,17 +165,7 @@ async def test_events_postgres_refuses_are_dead_lettered_and_their_batch_flows(
 
         await receiver.wait_for(len(good))
         await wait_final(pool, [dlv(webhook_id, account, e) for e in good])
-        assert publisher.channel is not None
-        queue = await publisher.channel.declare_queue(DEAD_QUEUE, durable=True)
-        found: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
-        async with asyncio.timeout(10):
-            async with queue.iterator() as messages:
-                async for message in messages:
-                    await message.ack()
-                    if (message.message_id or "").startswith(refused_prefix):
-                        found[message.message_id] = message
-                    if len(found) == len(bad):
-                        break
+        found = await _dead_letters(publisher, refused_prefix, len(bad))
         for event in bad:
             message = found[event["id"]]
             assert message.body == orjson.dumps(event)

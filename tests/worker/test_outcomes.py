@@ -23,11 +23,9 @@ from tests.conftest import with_
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,
-    cached,
     dlv,
-    make_account,
     make_event,
-    make_webhook,
+    subscribed,
     wait_final,
 )
 
@@ -39,9 +37,7 @@ async def _one_delivery(
     publisher: Publisher,
     url: str,
 ) -> str:
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, settings, account, url)
-    await cached(worker, webhook_id)
+    account, webhook_id, _ = await subscribed(worker, pool, settings, url)
     event = make_event(account)
     await publisher.publish(event)
     return dlv(webhook_id, account, event)
@@ -355,9 +351,7 @@ async def test_an_endpoint_that_hangs_is_narrowed_while_slots_are_in_demand_then
     busy.handler = slow
     ids: list[str] = []
     for url, count in ((receiver.url, 30), (busy.url, 300)):
-        account = await make_account(pool)
-        webhook_id, _ = await make_webhook(pool, wsettings, account, url)
-        await cached(worker, webhook_id)
+        account, webhook_id, _ = await subscribed(worker, pool, wsettings, url)
         events = [make_event(account) for _ in range(count)]
         for event in events:
             await publisher.publish(event)
@@ -387,9 +381,7 @@ async def test_a_secret_the_worker_cannot_open_fails_its_attempts_and_loses_noth
     worker = await start_worker(
         secret_keys=(Fernet.generate_key().decode(),), retry_schedule=(0.1, 0.1)
     )
-    account = await make_account(pool)
-    webhook_id, secret = await make_webhook(pool, sealing, account, receiver.url)
-    await cached(worker, webhook_id)
+    account, webhook_id, secret = await subscribed(worker, pool, sealing, receiver.url)
     event = make_event(account)
     await publisher.publish(event)
     delivery_id = dlv(webhook_id, account, event)

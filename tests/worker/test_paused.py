@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,13 +17,11 @@ from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,
-    cached,
     dlv,
     eventually,
-    make_account,
     make_event,
-    make_webhook,
     statuses,
+    subscribed,
     wait_final,
 )
 
@@ -31,14 +29,13 @@ from tests.worker.helpers import (
 SCHEDULE = (0.5,) * 12
 
 
+def _sample(worker: Worker, name: str, labels: dict[str, str] | None = None) -> float:
+    value = worker.metrics.registry.get_sample_value(f"cargolint_webhooks_{name}", labels)
+    return value or 0.0
+
+
 def _failing(worker: Worker) -> float:
-    name = "cargolint_webhooks_endpoints_failing"
-    return worker.metrics.registry.get_sample_value(name) or 0.0
-
-
-def _parked(worker: Worker) -> float:
-    name = "cargolint_webhooks_deliveries_parked_total"
-    return worker.metrics.registry.get_sample_value(name) or 0.0
+    return _sample(worker, "endpoints_failing")
 
 
 class Switch:
@@ -54,24 +51,11 @@ class Switch:
         return web.Response(status=200 if self.healthy else 500)
 
 
-async def _publish(
-    pool: asyncpg.Pool[Any],
-    settings: Settings,
-    worker: Worker,
-    publisher: Publisher,
-    *,
-    url: str,
-    count: int,
-    account: str | None = None,
-    webhook_id: str | None = None,
-) -> tuple[str, str, list[str]]:
-    if account is None or webhook_id is None:
-        account = await make_account(pool)
-        webhook_id, _ = await make_webhook(pool, settings, account, url)
-        await cached(worker, webhook_id)
+async def _publish(publisher: Publisher, account: str, webhook_id: str, count: int) -> list[str]:
+    """Publish `count` events of the account; return their deliveries' ids for the webhook."""
     events = [make_event(account) for _ in range(count)]
     await publisher.publish_many(events)
-    return account, webhook_id, [dlv(webhook_id, account, e) for e in events]
+    return [dlv(webhook_id, account, e) for e in events]
 
 
 async def test_a_failing_endpoint_is_paced_while_behind_and_resumes_on_a_success(
@@ -89,15 +73,13 @@ async def test_a_failing_endpoint_is_paced_while_behind_and_resumes_on_a_success
     receiver.handler = switch
     healthy = await make_receiver()
 
-    _, _, failing_ids = await _publish(
-        pool, wsettings, worker, publisher, url=receiver.url, count=40
-    )
-    await eventually(lambda: _true(_failing(worker) == 1.0))
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    failing_ids = await _publish(publisher, account, webhook_id, 40)
+    await eventually(lambda: _failing(worker) == 1.0)
     tripped_at = asyncio.get_running_loop().time()
     # Healthy deliveries beside it go through at once.
-    _, _, healthy_ids = await _publish(
-        pool, wsettings, worker, publisher, url=healthy.url, count=20
-    )
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, healthy.url)
+    healthy_ids = await _publish(publisher, account, webhook_id, 20)
     rows = await wait_final(pool, healthy_ids, timeout=10)
     assert {r["status"] for r in rows.values()} == {"succeeded"}
 
@@ -140,23 +122,13 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     worker.dispatcher.behind = lambda: True  # so the failing endpoint's queue stays full
     switch = Switch()
     receiver.handler = switch
-    account, webhook_id, first = await _publish(
-        pool, wsettings, worker, publisher, url=receiver.url, count=8
-    )
-    await eventually(lambda: _true(_failing(worker) == 1.0))
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    first = await _publish(publisher, account, webhook_id, 8)
+    await eventually(lambda: _failing(worker) == 1.0)
 
     published_at = datetime.now(UTC)
-    _, _, more = await _publish(
-        pool,
-        wsettings,
-        worker,
-        publisher,
-        url=receiver.url,
-        count=20,
-        account=account,
-        webhook_id=webhook_id,
-    )
-    await eventually(lambda: _true(_parked(worker) >= 15))
+    more = await _publish(publisher, account, webhook_id, 20)
+    await eventually(lambda: _sample(worker, "deliveries_parked_total") >= 15)
     assert worker.dispatcher.queued <= 5
 
     async def parked_rows() -> list[asyncpg.Record]:
@@ -167,7 +139,7 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
         )
 
     # Parked: unclaimed, not attempted, due no sooner than MIN_PARK from now, and visible so.
-    await eventually(lambda: _nonempty(parked_rows()))
+    await eventually(lambda: _any(parked_rows()))
     parked = await parked_rows()
     assert len(parked) >= 10
     assert all(r["status"] == "pending" for r in parked)
@@ -183,11 +155,7 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     assert all(rows[i]["last_attempt_at"] >= parked[0]["next_attempt_at"] for i in parked_ids)
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _nonempty(rows: Any) -> bool:
+async def _any(rows: Awaitable[list[asyncpg.Record]]) -> bool:
     return bool(await rows)
 
 
@@ -199,15 +167,13 @@ async def test_a_failing_endpoint_keeps_the_schedule_while_the_worker_has_time(
     wsettings: Settings,
 ) -> None:
     receiver.handler = Switch()
-    _, _, ids = await _publish(pool, wsettings, worker, publisher, url=receiver.url, count=20)
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    ids = await _publish(publisher, account, webhook_id, 20)
     # 20 deliveries x 3 attempts (schedule 0.2 s, 0.4 s): all made on time, none paced.
     rows = await wait_final(pool, ids, timeout=10)
     assert {(r["status"], r["attempts"]) for r in rows.values()} == {("failed", 3)}
     assert _failing(worker) >= 1.0  # (retries left by earlier tests may fail here too)
-    waits = worker.metrics.registry.get_sample_value(
-        "cargolint_webhooks_rate_limit_waits_total", {"limit": "failing"}
-    )
-    assert not waits
+    assert _sample(worker, "rate_limit_waits_total", {"limit": "failing"}) == 0.0
 
 
 async def test_the_worker_is_behind_while_its_consumer_has_a_backlog(
@@ -220,24 +186,12 @@ async def test_the_worker_is_behind_while_its_consumer_has_a_backlog(
 ) -> None:
     first = await start_worker()
     receiver = await make_receiver()
-    account = await make_account(pool)
-    webhook_id, _ = await make_webhook(pool, wsettings, account, receiver.url)
+    account, webhook_id, _ = await subscribed(first, pool, wsettings, receiver.url)
     await first.stop(grace=0.5)
     # A backlog: published while no worker consumes, taken in one go by the next one.
-    events = [make_event(account) for _ in range(2000)]
-    await publisher.publish_many(events)
+    ids = await _publish(publisher, account, webhook_id, 2000)
     worker = await start_worker()
-    assert await _ever(worker.consumer.behind, within=10)
-    rows = await wait_final(pool, [dlv(webhook_id, account, e) for e in events], timeout=30)
+    await eventually(worker.consumer.behind, timeout=10, every=0.005)
+    rows = await wait_final(pool, ids, timeout=30)
     assert {r["status"] for r in rows.values()} == {"succeeded"}
-    await eventually(lambda: _true(not worker.consumer.behind()), timeout=3)
-
-
-async def _ever(check: Callable[[], bool], *, within: float) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(0.005)
-    return False
+    await eventually(lambda: not worker.consumer.behind(), timeout=3)
