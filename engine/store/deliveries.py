@@ -66,8 +66,7 @@ _INSERT_EVENTS = """INSERT INTO events (account_id, id, mode, type, "timestamp",
     ON CONFLICT DO NOTHING"""
 
 # One statement, so one round trip and no BEGIN/COMMIT: the events go in through a
-# data-modifying CTE, and the deliveries' foreign key to them is checked at the end of the
-# statement, when the CTE's rows are there.
+# data-modifying CTE, and a refused event refuses its deliveries with it (all or nothing).
 _INSERT_EVENTS_AND_DELIVERIES = f"""WITH ev AS ({_INSERT_EVENTS})
     INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
                             next_attempt_at, claimed_by)
