@@ -25,7 +25,8 @@ The connection and channel are aio-pika's robust ones (reconnect, qos restored),
 are consumed through the underlying aiormq channel: aio-pika's own consume path costs two
 tasks, an `IncomingMessage` and a deprecation warning per message, about 40% of the worker's
 AMQP cost. The consumer is therefore ours to restore: after every reopen of the channel, and
-when the broker cancels it.
+when the broker cancels it. Below that, the connection reads its frames through
+`engine.worker.amqp_frames` (whole socket reads cut into frames, not three reads per frame).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from engine.core.ids import delivery_id
 from engine.settings import Settings
 from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
 from engine.store.queue import retake_due
+from engine.worker import amqp_frames
 from engine.worker.cache import SubscriptionCache
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
@@ -168,6 +170,7 @@ class Consumer:
         return c is not None and not c.is_closed and c.connected.is_set()
 
     async def start(self) -> None:
+        amqp_frames.install()
         connection = await aio_pika.connect_robust(
             self._settings.amqp_url,
             reconnect_interval=RECONNECT_INTERVAL,

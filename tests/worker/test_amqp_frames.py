@@ -1,0 +1,179 @@
+"""The buffered frame reader: the same frames as pamqp decodes, however the bytes arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import aiormq
+import aiormq.connection
+import pamqp.frame
+import pytest
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import commands
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+from engine.worker import amqp_frames
+from engine.worker.amqp_frames import BufferedFrameReceiver
+
+
+def _deliver(tag: int, *, redelivered: bool = False, key: str = "document.uploaded") -> Any:
+    return commands.Basic.Deliver(
+        consumer_tag="ctag1.0123456789abcdef",
+        delivery_tag=tag,
+        redelivered=redelivered,
+        exchange="cargolint.events",
+        routing_key=key,
+    )
+
+
+def _message(tag: int, body: bytes, *, channel: int = 1, frame_max: int = 4096) -> list[bytes]:
+    """A delivered message as the broker frames it: method, header, body in frame_max pieces."""
+    props = commands.Basic.Properties(
+        content_type="application/json", delivery_mode=2, headers={"x-n": tag}
+    )
+    frames = [
+        pamqp.frame.marshal(_deliver(tag, redelivered=tag % 2 == 0, key=f"k.{tag}"), channel),
+        pamqp.frame.marshal(ContentHeader(0, len(body), props), channel),
+    ]
+    step = frame_max - 8
+    pieces = (body[at : at + step] for at in range(0, len(body), step))
+    return frames + [pamqp.frame.marshal(ContentBody(piece), channel) for piece in pieces]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and vars(a) == vars(b)
+
+
+async def _receive(stream: bytes, chunks: list[int]) -> tuple[list[Any], BaseException | None]:
+    """Feed `stream` in pieces of the given sizes while the reader reads, then end the stream
+    (with no pieces: all of it and its end before reading); collect what the reader yields."""
+    reader = asyncio.StreamReader()
+    receiver = BufferedFrameReceiver(reader)
+    got: list[Any] = []
+    if not chunks:
+        reader.feed_data(stream)
+        reader.feed_eof()
+
+    async def feed() -> None:
+        if not chunks:
+            return
+        at = 0
+        for size in chunks:
+            reader.feed_data(stream[at : at + size])
+            at += size
+            await asyncio.sleep(0)
+        reader.feed_data(stream[at:])
+        await asyncio.sleep(0.01)  # the reader has it all and waits for more
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    error: BaseException | None = None
+    try:
+        async for triple in receiver:
+            got.append(triple)  # noqa: PERF401 - what came before an error is kept
+    except Exception as exc:  # the test looks at which
+        error = exc
+    await feeder
+    return got, error
+
+
+async def test_frames_decode_as_pamqp_does_whatever_the_chunking() -> None:
+    frames: list[bytes] = [pamqp.frame.marshal(Heartbeat(), 0)]
+    for tag in range(1, 40):
+        frames += _message(tag, bytes(random.randrange(256) for _ in range(tag * 300)))
+    frames.append(pamqp.frame.marshal(commands.Basic.Ack(delivery_tag=7, multiple=True), 1))
+    stream = b"".join(frames)
+    expected = [pamqp.frame.unmarshal(f) for f in frames]
+
+    rng = random.Random(6)
+    for chunking in ([len(stream) - 1], [1] * 300, [rng.randrange(1, 9000) for _ in range(60)]):
+        got, error = await _receive(stream, chunking)
+        # The stream ended while the reader waited for more: the server went away.
+        assert isinstance(error, AMQPConnectionError), error
+        assert len(got) == len(expected)
+        for (weight, channel, frame), (e_weight, e_channel, e_frame) in zip(
+            got, expected, strict=True
+        ):
+            assert (weight, channel) == (e_weight, e_channel)
+            assert _same(frame, e_frame), (frame, e_frame)
+
+
+async def test_deliver_decoded_here_matches_pamqp_field_by_field() -> None:
+    for tag, redelivered, key in ((1, False, ""), (2**62 + 5, True, "ü.κ" * 20), (9, True, "a")):
+        marshalled = pamqp.frame.marshal(_deliver(tag, redelivered=redelivered, key=key), 3)
+        got, error = await _receive(marshalled, [])
+        assert error is None
+        ((_, channel, frame),) = got
+        _, _, expected = pamqp.frame.unmarshal(marshalled)
+        assert channel == 3
+        assert isinstance(frame, commands.Basic.Deliver)
+        assert _same(frame, expected)
+        assert (frame.delivery_tag, frame.redelivered, frame.routing_key) == (
+            tag,
+            redelivered,
+            key,
+        )
+
+
+async def test_broken_streams_raise_aiormqs_errors() -> None:
+    whole = b"".join(_message(1, b"x" * 100))
+    _, error = await _receive(whole[:-3], [])
+    assert isinstance(error, AMQPConnectionError)
+    assert "unexpectedly closed" in str(error)
+
+    bad_end = bytearray(pamqp.frame.marshal(Heartbeat(), 0))
+    bad_end[-1] = 0
+    _, error = await _receive(bytes(bad_end), [])
+    assert isinstance(error, InvalidFrameError)
+
+    _, error = await _receive(b"AMQP\x00\x00\x09\x01", [])
+    assert isinstance(error, ProtocolSyntaxError)
+
+    got, error = await _receive(b"", [])
+    assert got == [] and error is None  # an end of stream already there ends the iteration
+
+
+async def test_installed_it_carries_a_real_connection(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With install(), aiormq's connections read through it: handshake, consume and ack."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    reads = 0
+    original = BufferedFrameReceiver._read
+
+    async def counted(self: BufferedFrameReceiver) -> None:
+        nonlocal reads
+        reads += 1
+        await original(self)
+
+    monkeypatch.setattr(BufferedFrameReceiver, "_read", counted)
+    amqp_frames.install()
+
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.queue_declare(exclusive=True, auto_delete=True)
+        queue = declared.queue
+        assert queue is not None
+        bodies = [bytes([n]) * (n * 1000) for n in range(1, 30)]  # some over frame_max
+        for body in bodies:
+            await channel.basic_publish(body, routing_key=queue)
+        received: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            received.append(message.body)
+            if len(received) == len(bodies):
+                await channel.basic_ack(message.delivery_tag, multiple=True)
+                done.set()
+
+        await channel.basic_consume(queue, on_message)
+        await asyncio.wait_for(done.wait(), 10)
+        assert received == bodies
+    finally:
+        await connection.close()
+    assert reads > 0
