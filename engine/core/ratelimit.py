@@ -23,10 +23,19 @@ class TokenBucket:
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
 
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available (0.0: one is), taking none."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+
+    def spend(self, now: float) -> None:
+        """Take a token whether or not there is one: a debt delays the next `wait`."""
+        self._refill(now)
+        self._tokens -= 1.0
+
     def try_take(self, now: float) -> float:
         """Take a token and return 0.0, or return the seconds until one will be available."""
-        self._refill(now)
-        if self._tokens >= 1.0:
+        wait = self.wait(now)
+        if wait == 0.0:
             self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
+        return wait

@@ -12,9 +12,11 @@ An endpoint whose last attempts all failed is *failing* (`engine.core.breaker`).
 worker is `behind` (its consumer has a backlog), a failing endpoint starts one attempt per
 pause, a pause that grows per failure, until one succeeds: a receiver that answers 500 at once
 then costs the busy worker little more than one that hangs, and the time goes to everybody
-else. With time to spare, retries keep their schedule. A failing endpoint holds at most
-`hold_each` jobs in memory; the ones beyond are parked — put back in Postgres, due a while
-later — so dead endpoints cannot fill the memory that healthy ones' deliveries pass through.
+else. With time to spare, retries keep their schedule, at most `FAILING_RATE` attempt starts a
+second, so retries that come due together do not all take the CPU at once. A failing endpoint
+holds at most `hold_each` jobs in memory; the ones beyond are parked — put back in Postgres,
+due a while later, spread over half as long again so they do not all come back at once — so
+dead endpoints cannot fill the memory that healthy ones' deliveries pass through.
 
 Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL
 and secret, and a deleted or deactivated webhook ends the delivery `failed` with no request.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -183,7 +186,7 @@ class Dispatcher:
             breaker = Breaker(self._pause_cap)
             endpoint = self._endpoints[key] = _Endpoint(key, bucket, breaker, now, limit)
         elif endpoint.breaker.tripped and len(endpoint.queue) >= self.hold_each:
-            self._recorder.park(job, endpoint.breaker.park_for(now))
+            self._recorder.park(job, endpoint.breaker.park_for(now, spread=random.random()))
             return
         endpoint.queue.append(job)
         endpoint.last_used = now
@@ -211,8 +214,8 @@ class Dispatcher:
                     ep.slot_freed.clear()
                     await ep.slot_freed.wait()
                     continue
-                if ep.breaker.tripped and self.behind():
-                    pause = ep.breaker.wait(self._clock())
+                if ep.breaker.tripped:
+                    pause = ep.breaker.wait(self._clock(), behind=self.behind())
                     if pause > 0:
                         waits("failing").inc()
                         await asyncio.sleep(pause)

@@ -33,12 +33,14 @@ async def test_kill_9_while_retries_are_due_another_worker_takes_them(
         )
         # Retries are due now and the doomed worker is making them: kill it part-way through.
         await counting_receiver.wait_delivered(total // 4, timeout=30)
-        held = await run.fetchval(
-            "SELECT count(*) FROM deliveries WHERE status = 'pending' AND claimed_by IS NOT NULL"
-        )
         doomed.kill()  # kill -9: no drain, no final writes, no released claims
         killed = time.monotonic()
         delivered_at_kill = counting_receiver.delivered
+        # What it held when it died (counted before, the count would miss what it claimed
+        # between the count and the kill): its claims stay until its lease lapses.
+        held = await run.fetchval(
+            "SELECT count(*) FROM deliveries WHERE status = 'pending' AND claimed_by IS NOT NULL"
+        )
         await run.start_worker("survivor")
         await counting_receiver.wait_delivered(total, timeout=120)
         recovery = time.monotonic() - killed

@@ -251,6 +251,17 @@ def test_token_bucket() -> None:
     assert bucket.try_take(10.0) > 0
 
 
+def test_token_bucket_wait_takes_nothing_and_spend_may_go_into_debt() -> None:
+    bucket = TokenBucket(rate=10, burst=1, now=0.0)
+    assert bucket.wait(0.0) == 0.0
+    assert bucket.wait(0.0) == 0.0  # looking took nothing
+    bucket.spend(0.0)
+    bucket.spend(0.0)  # one more than there was: owed
+    assert bucket.wait(0.0) == pytest.approx(0.2)
+    assert bucket.try_take(0.1) == pytest.approx(0.1)
+    assert bucket.try_take(0.2) == 0.0
+
+
 def test_secret_box_remembers_opened_tokens_and_still_refuses_unknown_keys() -> None:
     from cryptography.fernet import Fernet
 

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from engine.core.breaker import MIN_PARK, TRIP
+from engine.core.breaker import FAILING_RATE, MIN_PARK, TRIP
 from engine.settings import Settings
 from engine.worker.main import Worker
 from tests.receiver import Receiver
@@ -174,6 +174,34 @@ async def test_a_failing_endpoint_keeps_the_schedule_while_the_worker_has_time(
     assert {(r["status"], r["attempts"]) for r in rows.values()} == {("failed", 3)}
     assert _failing(worker) >= 1.0  # (retries left by earlier tests may fail here too)
     assert _sample(worker, "rate_limit_waits_total", {"limit": "failing"}) == 0.0
+
+
+async def test_with_time_to_spare_a_failing_endpoint_is_held_to_its_rate(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=SCHEDULE)
+    worker.dispatcher.behind = lambda: False  # time to spare throughout
+    receiver.handler = Switch()
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    count = int(FAILING_RATE) * 3
+    ids = await _publish(publisher, account, webhook_id, count)
+    await eventually(lambda: len(receiver.requests) >= count, timeout=15)
+    # Past the trip and one burst, attempt starts (first attempts, then retries due 0.5 s after
+    # theirs) keep to FAILING_RATE a second, where the worker alone would make them all at once.
+    at = sorted(r.at for r in receiver.requests)
+    start = at[TRIP + int(FAILING_RATE) + 10]  # (a few may have started before the trip)
+    in_next_second = sum(1 for t in at if start < t <= start + 1.0)
+    assert FAILING_RATE * 0.5 <= in_next_second <= FAILING_RATE * 1.15, in_next_second
+    assert _sample(worker, "rate_limit_waits_total", {"limit": "failing"}) > 0
+    # Nothing given up on or parked: every delivery is pending, on its schedule.
+    rows = await statuses(pool, ids)
+    assert {r["status"] for r in rows.values()} == {"pending"}
+    assert _sample(worker, "deliveries_parked_total") == 0.0
 
 
 async def test_the_worker_is_behind_while_its_consumer_has_a_backlog(
