@@ -22,7 +22,7 @@ from bench.procs import receiver_process
 from bench.publisher import publisher
 from bench.receiver import run
 from bench.report import render_table, summary, write_json
-from bench.scenarios import FULL, QUICK, SCENARIOS, Bench, Results, Sizes, topology
+from bench.scenarios import FULL, QUICK, ROUNDED, SCENARIOS, Bench, Results, Sizes, topology
 from engine.store.db import create_pool
 
 __all__ = ["main"]
@@ -90,21 +90,32 @@ async def _run(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Results
                 results=results,
             )
             await topology(bench)
-            for name, scenario in SCENARIOS.items():
-                if args.only and name not in args.only:
-                    continue
-                started = time.perf_counter()
-                print(f"· {name} …", file=sys.stderr, flush=True)
-                try:
-                    await scenario(bench)
-                except Exception as exc:  # one broken scenario must not hide the others
-                    results.check(f"{name}: ran", False, f"{type(exc).__name__}: {exc}")
-                    with contextlib.suppress(Exception):
-                        await bench.after_worker()
-                results.extra[f"{name}_scenario_s"] = round(time.perf_counter() - started, 2)
+            chosen = [name for name in SCENARIOS if not args.only or name in args.only]
+            rounded = [name for name in chosen if name in ROUNDED]
+            for bench.round in range(sizes.rounds):
+                for name in rounded:
+                    await _scenario(bench, name)
+            for name in chosen:
+                if name not in ROUNDED:
+                    await _scenario(bench, name)
         finally:
             await pool.close()
     return results
+
+
+async def _scenario(bench: Bench, name: str) -> None:
+    results = bench.results
+    started = time.perf_counter()
+    rounds = f" (round {bench.round + 1} of {bench.sizes.rounds})" if name in ROUNDED else ""
+    print(f"· {name}{rounds} …", file=sys.stderr, flush=True)
+    try:
+        await SCENARIOS[name](bench)
+    except Exception as exc:  # one broken scenario must not hide the others
+        results.check(f"{name}: ran", False, f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):
+            await bench.after_worker()
+    spent = results.extra.get(f"{name}_scenario_s", 0.0) + time.perf_counter() - started
+    results.extra[f"{name}_scenario_s"] = round(spent, 2)
 
 
 async def _main(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Results:

@@ -1,8 +1,12 @@
 """The scenarios of issue 6, run in order in one invocation; each adds figures to `Results`.
 
-limit → throughput → fan-out → latency → isolation → scale. Later scenarios use earlier
-figures (latency runs at half of throughput's rate; isolation is judged against both), so a
-failed scenario leaves its figures None and the ones after fall back to modest defaults.
+The rate scenarios — limit, throughput, isolation — run in `Sizes.rounds` interleaved rounds
+(limit, throughput, isolation, limit, throughput, …), and each figure is the sum of its rounds
+(items over seconds): this machine's speed drifts by tens of percent within a minute, and a ratio
+of two figures measured a minute apart measured the drift as much as the engine. Then fan-out,
+latency and scale. Later scenarios use earlier figures (the paced phases run at half of
+throughput's rate; isolation is judged against throughput and latency), so a failed scenario
+leaves its figures None and the ones after fall back to modest defaults.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +42,7 @@ from bench.procs import (
 )
 from bench.publisher import Publisher
 
-__all__ = ["FULL", "QUICK", "SCENARIOS", "Bench", "Results", "Sizes"]
+__all__ = ["FULL", "QUICK", "ROUNDED", "SCENARIOS", "Bench", "Results", "Sizes"]
 
 FAST_LIMITS = {"CARGOLINT_ENDPOINT_RATE": "1000000"}
 FALLBACK_RATE = 100.0
@@ -45,6 +50,7 @@ FALLBACK_RATE = 100.0
 
 @dataclass(frozen=True)
 class Sizes:
+    rounds: int  # of the rate scenarios (ROUNDED); their sizes below are per round
     concurrency: int
     limit_requests: int
     throughput_events: int
@@ -58,6 +64,7 @@ class Sizes:
 
 
 QUICK = Sizes(
+    rounds=1,
     concurrency=64,
     limit_requests=2000,
     throughput_events=1500,
@@ -70,12 +77,13 @@ QUICK = Sizes(
     wait=40.0,
 )
 FULL = Sizes(
+    rounds=3,
     concurrency=100,
-    limit_requests=30_000,
-    throughput_events=30_000,
+    limit_requests=20_000,
+    throughput_events=20_000,
     fanout_events=3_000,
     latency_seconds=20.0,
-    isolation_events=30_000,
+    isolation_events=20_000,
     scale_webhooks=100_000,
     scale_accounts=10_000,
     inflight_deliveries=10_000,
@@ -97,6 +105,21 @@ class Results:
 
 
 @dataclass
+class Tally:
+    """A rate scenario's rounds added up."""
+
+    items: int = 0
+    seconds: float = 0.0
+    cpu: Counter[str] = field(default_factory=Counter)  # CPU seconds by process group
+    cpu_items: int = 0
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float | None:
+        return self.items / self.seconds if self.items and self.seconds > 0 else None
+
+
+@dataclass
 class Bench:
     """Everything a scenario needs: sizes, the run's services and where to write logs."""
 
@@ -112,6 +135,28 @@ class Bench:
     rate: float | None = None  # overrides the paced scenarios' rate (half of throughput's)
     profile: Path | None = None  # a folder: py-spy samples each worker into <scenario>.txt
     results: Results = field(default_factory=Results)
+    round: int = 0  # of the rate scenarios, from 0
+    tallies: dict[str, Tally] = field(default_factory=dict)
+
+    @property
+    def last_round(self) -> bool:
+        return self.round == self.sizes.rounds - 1
+
+    def tally(
+        self, name: str, items: int, seconds: float, meter: CpuMeter, cpu_items: int | None = None
+    ) -> float | None:
+        """Add a round of a rate scenario; return its rate over the rounds so far."""
+        t = self.tallies.setdefault(name, Tally())
+        t.items += items
+        t.seconds += seconds
+        t.cpu.update(meter.used())
+        t.cpu_items += items if cpu_items is None else cpu_items
+        t.rates.append(round(items / seconds, 1))
+        self.results.extra[f"{name}_rps_by_round"] = t.rates
+        self.results.extra[f"{name}_cpu_us_per_item"] = {
+            group: round(seconds / max(1, t.cpu_items) * 1e6, 1) for group, seconds in t.cpu.items()
+        }
+        return t.rate
 
     def env(self, **overrides: str) -> dict[str, str]:
         """The worker's environment: this run's services, our CA, receivers on 127.0.0.1."""
@@ -132,6 +177,8 @@ class Bench:
         return env
 
     def worker(self, name: str, **overrides: str) -> Any:
+        if self.round and name in ROUNDED:
+            name = f"{name}-{self.round + 1}"
         profile = self.profile / f"{name}.txt" if self.profile is not None else None
         return worker_process(
             self.env(**overrides), self.workdir / f"worker-{name}.log", profile=profile
@@ -178,17 +225,19 @@ async def topology(b: Bench) -> None:
 async def limit(b: Bench) -> None:
     await b.receiver.reset()
     meter = b.cpu_meter()
+    warmup = min(500, b.sizes.limit_requests // 4)
     result = await LimitClient.run(
         b.receiver.url("ok"),
         b.certs.ca,
         b.sizes.concurrency,
         b.sizes.limit_requests,
-        warmup=min(500, b.sizes.limit_requests // 4),
+        warmup=warmup,
     )
     counted = await b.receiver.count()
-    b.record_cpu("limit", meter, b.sizes.limit_requests + min(500, b.sizes.limit_requests // 4))
     b.results.extra["limit_client_cpu_us_per_request"] = result.get("cpu_us_per_request")
-    b.figures["limit_rps"] = result["rps"]
+    b.figures["limit_rps"] = b.tally(
+        "limit", int(result["requests"]), result["seconds"], meter, result["requests"] + warmup
+    )
     b.results.check("limit: no errors", result["errors"] == 0, f"{result['errors']} errors")
     b.results.check(
         "limit: receiver verified every signature",
@@ -199,10 +248,11 @@ async def limit(b: Bench) -> None:
 
 async def _drain(
     b: Bench, name: str, hooks: list[Webhook], expected: int, worker: WorkerProcess
-) -> float | None:
+) -> tuple[int, float] | None:
     """Wait until `expected` deliveries of `hooks` arrived and are recorded succeeded.
 
-    Returns deliveries/s from the first arrival to the moment every record read succeeded.
+    Returns (deliveries, seconds from the first arrival to the moment every record read
+    succeeded), None if nothing arrived.
     """
     counted = await b.receiver.wait_ok(expected, b.sizes.wait)
     settled, done_at = await wait_settled(
@@ -228,25 +278,27 @@ async def _drain(
     first: float | None = counted["firstOk"]
     if first is None or settled.succeeded == 0:
         return None
-    return settled.succeeded / max(done_at - first, 1e-6)
+    return settled.succeeded, max(done_at - first, 1e-6)
 
 
 async def throughput(b: Bench) -> None:
     n = b.sizes.throughput_events
-    hooks = [Webhook(webhook_id("tp", 0), "acct_tp", b.receiver.url("ok", 0))]
+    # Each round its own webhook and account, so its deliveries are counted apart.
+    account = f"acct_tp{b.round}"
+    hooks = [Webhook(webhook_id("tp", b.round), account, b.receiver.url("ok", 0))]
     await insert_webhooks(b.pool, hooks)
     await b.receiver.reset()
-    await b.publisher.prefill([(f"evt_tp_{i}", "acct_tp") for i in range(n)])
+    await b.publisher.prefill([(f"evt_tp_{i}", account) for i in range(n)])
     async with b.worker("throughput", **FAST_LIMITS) as worker:
         meter = b.cpu_meter(worker)
-        rps = await _drain(b, "throughput", hooks, n, worker)
-        b.record_cpu("throughput", meter, n)
+        drained = await _drain(b, "throughput", hooks, n, worker)
+        rps = b.tally("throughput", *drained, meter) if drained else None
         b.results.extra["throughput_worker_rss_mb"] = round(worker.rss_mb(), 1)
     await b.after_worker()
     b.figures["throughput_rps"] = rps
     limit_rps = b.figures.get("limit_rps")
     b.figures["throughput_ratio"] = rps / limit_rps if rps and limit_rps else None
-    if limit_rps is not None:  # not when run with --only and without limit
+    if limit_rps is not None and b.last_round:  # not with --only and without limit
         b.results.check("throughput: ratio > 0", bool(b.figures["throughput_ratio"]))
 
 
@@ -257,8 +309,9 @@ async def fanout(b: Bench) -> None:
     await b.receiver.reset()
     await b.publisher.prefill([(f"evt_fo_{i}", "acct_fo") for i in range(n)])
     async with b.worker("fanout", **FAST_LIMITS) as worker:
-        rps = await _drain(b, "fanout", hooks, n * len(hooks), worker)
+        drained = await _drain(b, "fanout", hooks, n * len(hooks), worker)
     await b.after_worker()
+    rps = drained[0] / drained[1] if drained else None
     b.figures["fanout_rps"] = rps
     b.results.check("fanout: deliveries/s > 0", bool(rps))
 
@@ -320,6 +373,20 @@ async def _worker_split(b: Bench, name: str, worker: WorkerProcess) -> None:
     )
 
 
+async def _failing_work(b: Bench, name: str, worker: WorkerProcess) -> None:
+    """What the broken endpoints cost the worker so far: failed attempts, parked deliveries."""
+    metrics = await worker.metrics()
+    failed = sum(
+        value
+        for key, value in metrics.items()
+        if key.startswith("cargolint_webhooks_delivery_attempts_total{")
+        and 'outcome="success"' not in key
+    )
+    b.results.extra[f"{name}_failed_attempts"] = int(failed)
+    parked = metrics.get("cargolint_webhooks_deliveries_parked_total", 0.0)
+    b.results.extra[f"{name}_parked"] = int(parked)
+
+
 async def latency(b: Bench) -> None:
     hooks = [Webhook(webhook_id("lt", 0), "acct_lt", b.receiver.url("ok", 0))]
     await insert_webhooks(b.pool, hooks)
@@ -351,9 +418,9 @@ async def isolation(b: Bench) -> None:
     for kind, endpoints in ISOLATION_ENDPOINTS.items():
         hooks_by_kind[kind] = []
         for i in range(endpoints):
-            account = f"acct_is_{kind}_{i}"
+            account = f"acct_is{b.round}_{kind}_{i}"  # each round its own, as in throughput
             hooks_by_kind[kind].append(
-                Webhook(webhook_id("is", n), account, b.receiver.url(kind, i))
+                Webhook(webhook_id("is", b.round * 1000 + n), account, b.receiver.url(kind, i))
             )
             n += 1
     every = [h for hooks in hooks_by_kind.values() for h in hooks]
@@ -370,18 +437,25 @@ async def isolation(b: Bench) -> None:
         "CARGOLINT_ENDPOINT_CONCURRENCY": "10",
         "CARGOLINT_DELIVERY_TIMEOUT": "2",
     }
+    stats: dict[str, Any] | None = None
     async with b.worker("isolation", **realistic) as worker:
-        rps = await _drain(b, "isolation", healthy, expected, worker)
-        stats = await _paced(b, worker, "isolation_paced", accounts, healthy_accounts)
-        await _worker_split(b, "isolation", worker)
-        arrivals = stats["arrivals"]
-        b.results.extra["isolation_paced_fail_arrivals"] = arrivals["fail"]
-        b.results.extra["isolation_paced_hang_arrivals"] = arrivals["hang"]
-        b.results.extra["isolation_worker_rss_mb"] = round(worker.rss_mb(), 1)
+        meter = b.cpu_meter(worker)
+        drained = await _drain(b, "isolation", healthy, expected, worker)
+        rps = b.tally("isolation", *drained, meter) if drained else None  # CPU: per healthy
+        await _failing_work(b, "isolation", worker)
+        if b.last_round:  # the paced phase once, after the last bulk round, in its worker
+            stats = await _paced(b, worker, "isolation_paced", accounts, healthy_accounts)
+            await _worker_split(b, "isolation", worker)
+            b.results.extra["isolation_worker_rss_mb"] = round(worker.rss_mb(), 1)
     await b.after_worker()
     b.results.extra["isolation_rps"] = rps
     tp = b.figures.get("throughput_rps")
     b.figures["isolation_ratio"] = rps / tp if rps and tp else None
+    if stats is None:
+        return
+    arrivals = stats["arrivals"]
+    b.results.extra["isolation_paced_fail_arrivals"] = arrivals["fail"]
+    b.results.extra["isolation_paced_hang_arrivals"] = arrivals["hang"]
     lat = stats["latency"]
     b.figures["isolation_p50_ms"] = lat["p50"] * 1000 if lat["p50"] is not None else None
     b.figures["isolation_p99_ms"] = lat["p99"] * 1000 if lat["p99"] is not None else None
@@ -474,6 +548,9 @@ async def scale(b: Bench) -> None:
     b.results.check("scale: cache loaded", b.figures["cache_load_s"] is not None)
     b.results.check("scale: rss measured", bool(b.figures["rss_mb"]))
 
+
+# Run in interleaved rounds before the others (see the module's docstring).
+ROUNDED = ("limit", "throughput", "isolation")
 
 SCENARIOS = {
     "limit": limit,
