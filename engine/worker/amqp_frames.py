@@ -7,8 +7,9 @@ body), so that is nine awaits and three copies per message — with the decoding
 socket has (up to `READ_SIZE`), cuts every complete frame out of it and keeps the rest for the
 next read. It yields the same `(bytes, channel, frame)` triples as aiormq's, with the same
 pamqp frame objects, so everything above it (channels, consumers, heartbeats, closes) is
-aiormq's unchanged. Body frames and `Basic.Deliver` methods, nearly all the frames a busy
-consumer reads, are decoded here directly; every other frame by pamqp.
+aiormq's unchanged. The three frames of a delivered message — `Basic.Deliver`, a content
+header with simple properties (no headers table, timestamp or cluster id), body — nearly all a
+busy consumer reads, are decoded here directly; every other frame by pamqp.
 
 `install()` makes aiormq use it for connections opened afterwards (aiormq builds its receiver
 by the module-level name inside `Connection.connect`); `tests/worker/test_amqp_frames.py`
@@ -28,6 +29,7 @@ from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSy
 from pamqp import commands
 from pamqp.body import ContentBody
 from pamqp.exceptions import PAMQPException
+from pamqp.header import ContentHeader
 
 __all__ = ["BufferedFrameReceiver", "install"]
 
@@ -38,11 +40,25 @@ _HEADER_SIZE = 7
 _FRAME_END = 0xCE
 _FRAME_METHOD = 1
 _FRAME_BODY = 3
+_FRAME_HEADER = 2
 _METHOD_INDEX = struct.Struct(">I")
 _DELIVER_INDEX = commands.Basic.Deliver.index  # class 60, method 60
 _DELIVERY_TAG = struct.Struct(">qB")  # delivery tag (signed, as pamqp has it), then `redelivered`
 
 ReceivedFrame = tuple[int, int, Any]
+
+# A content header: class id, weight, body size, then the first 16 property flags.
+_CONTENT_HEADER = struct.Struct(">HHQH")
+# The properties decoded here, in wire order: flag, attribute, short string (else an octet).
+# Others — headers (a table), timestamp, cluster id, a continued flag word — send the whole
+# header to pamqp.
+_Properties = commands.Basic.Properties
+_SIMPLE_PROPERTIES = tuple(
+    (_Properties.flags[name], name, name not in ("delivery_mode", "priority"))
+    for name in _Properties.__slots__
+    if name not in ("headers", "timestamp", "cluster_id")
+)
+_SIMPLE_FLAGS = sum(flag for flag, _, _ in _SIMPLE_PROPERTIES)
 
 
 def _deliver(payload: bytes) -> commands.Basic.Deliver:
@@ -67,6 +83,32 @@ def _deliver(payload: bytes) -> commands.Basic.Deliver:
     frame.exchange = exchange
     frame.routing_key = routing_key
     return frame
+
+
+def _content_header(payload: bytes) -> ContentHeader | None:
+    """Decode a content header whose properties are all simple ones; None: pamqp's to do."""
+    class_id, weight, body_size, flags = _CONTENT_HEADER.unpack_from(payload)
+    if flags & ~_SIMPLE_FLAGS:
+        return None
+    properties = _Properties.__new__(_Properties)
+    for name in _Properties.__slots__:  # as pamqp's constructor leaves them
+        setattr(properties, name, "" if name == "cluster_id" else None)
+    pos = _CONTENT_HEADER.size
+    for flag, name, text in _SIMPLE_PROPERTIES:
+        if flags & flag:
+            if text:
+                size = payload[pos]
+                setattr(properties, name, payload[pos + 1 : pos + 1 + size].decode())
+                pos += 1 + size
+            else:
+                setattr(properties, name, payload[pos])
+                pos += 1
+    header = ContentHeader.__new__(ContentHeader)
+    header.class_id = class_id
+    header.weight = weight
+    header.body_size = body_size
+    header.properties = properties
+    return header
 
 
 class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
@@ -116,8 +158,14 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             if data[end] != _FRAME_END:
                 raise InvalidFrameError(f"frame on channel {channel} does not end in 0xCE")
             start = pos + _HEADER_SIZE
+            frame: Any = None
             if frame_type == _FRAME_BODY:
-                frame: Any = ContentBody(data[start:end])
+                frame = ContentBody(data[start:end])
+            elif frame_type == _FRAME_HEADER and length >= _CONTENT_HEADER.size:
+                try:
+                    frame = _content_header(data[start:end])
+                except (IndexError, UnicodeDecodeError) as exc:
+                    raise InvalidFrameError(f"malformed content header: {exc!r}") from exc
             elif (
                 frame_type == _FRAME_METHOD
                 and length >= 4
@@ -127,7 +175,7 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
                     frame = _deliver(data[start:end])
                 except (IndexError, struct.error, UnicodeDecodeError) as exc:
                     raise InvalidFrameError(f"malformed Basic.Deliver: {exc!r}") from exc
-            else:
+            if frame is None:
                 try:
                     _, _, frame = pamqp.frame.unmarshal(data[pos : end + 1])
                 except PAMQPException as exc:

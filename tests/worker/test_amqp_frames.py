@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
@@ -30,11 +31,31 @@ def _deliver(tag: int, *, redelivered: bool = False, key: str = "document.upload
     )
 
 
+# Properties as publishers set them: the first two are decoded here, the rest by pamqp.
+PROPERTIES = (
+    {"content_type": "application/json", "delivery_mode": 2},
+    {
+        "content_type": "application/json",
+        "content_encoding": "identity",
+        "delivery_mode": 1,
+        "priority": 9,
+        "correlation_id": "c-1",
+        "reply_to": "amq.rabbitmq.reply-to",
+        "expiration": "60000",
+        "message_id": "évt_ü1",
+        "message_type": "document.uploaded",
+        "user_id": "guest",
+        "app_id": "uploader",
+    },
+    {"content_type": "application/json", "delivery_mode": 2, "headers": {"x-n": 1}},
+    {"delivery_mode": 2, "timestamp": datetime(2026, 11, 28, 5, 0, tzinfo=UTC)},
+    {"content_type": "text/plain", "headers": {"a": {"b": [1, "c"]}}, "app_id": "x"},
+)
+
+
 def _message(tag: int, body: bytes, *, channel: int = 1, frame_max: int = 4096) -> list[bytes]:
     """A delivered message as the broker frames it: method, header, body in frame_max pieces."""
-    props = commands.Basic.Properties(
-        content_type="application/json", delivery_mode=2, headers={"x-n": tag}
-    )
+    props = commands.Basic.Properties(**PROPERTIES[tag % len(PROPERTIES)])
     frames = [
         pamqp.frame.marshal(_deliver(tag, redelivered=tag % 2 == 0, key=f"k.{tag}"), channel),
         pamqp.frame.marshal(ContentHeader(0, len(body), props), channel),
@@ -117,6 +138,22 @@ async def test_deliver_decoded_here_matches_pamqp_field_by_field() -> None:
             redelivered,
             key,
         )
+
+
+async def test_a_message_with_simple_properties_is_decoded_without_pamqp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = b"".join(_message(len(PROPERTIES), b"x" * 5000) + _message(1, b"y"))  # simple ones
+    expected = [pamqp.frame.unmarshal(f) for f in [*_message(0, b"x" * 5000), *_message(1, b"y")]]
+
+    def refuse(_: bytes) -> None:
+        raise AssertionError("pamqp decoded a frame")
+
+    monkeypatch.setattr(pamqp.frame, "unmarshal", refuse)
+    got, error = await _receive(stream, [])
+    assert error is None
+    assert [(w, c) for w, c, _ in got] == [(w, c) for w, c, _ in expected]
+    assert all(_same(f, e) for (_, _, f), (_, _, e) in zip(got, expected, strict=True))
 
 
 async def test_broken_streams_raise_aiormqs_errors() -> None:
