@@ -59,6 +59,8 @@ _SIMPLE_PROPERTIES = tuple(
     if name not in ("headers", "timestamp", "cluster_id")
 )
 _SIMPLE_FLAGS = sum(flag for flag, _, _ in _SIMPLE_PROPERTIES)
+# Every property as pamqp's constructor leaves it when not given.
+_UNSET = tuple((name, "" if name == "cluster_id" else None) for name in _Properties.__slots__)
 
 
 def _deliver(payload: bytes) -> commands.Basic.Deliver:
@@ -91,8 +93,8 @@ def _content_header(payload: bytes) -> ContentHeader | None:
     if flags & ~_SIMPLE_FLAGS:
         return None
     properties = _Properties.__new__(_Properties)
-    for name in _Properties.__slots__:  # as pamqp's constructor leaves them
-        setattr(properties, name, "" if name == "cluster_id" else None)
+    for name, value in _UNSET:
+        setattr(properties, name, value)
     pos = _CONTENT_HEADER.size
     for flag, name, text in _SIMPLE_PROPERTIES:
         if flags & flag:
@@ -141,6 +143,9 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             )
         data = self._rest + chunk if self._rest else chunk
         if not self.started:
+            if len(data) < len(b"AMQP"):
+                self._rest = data  # too little yet to tell a frame from a refusal
+                return
             if data.startswith(b"AMQP"):  # the server refused our protocol version
                 raise ProtocolSyntaxError("Unexpected AMQP protocol header")
             self.started = True

@@ -173,6 +173,13 @@ async def test_broken_streams_raise_aiormqs_errors() -> None:
     got, error = await _receive(b"", [])
     assert got == [] and error is None  # an end of stream already there ends the iteration
 
+    # The first bytes may come one at a time: a refusal is still told from a frame.
+    _, error = await _receive(b"AMQP\x00\x00\x09\x01", [1] * 8)
+    assert isinstance(error, ProtocolSyntaxError)
+    heartbeat = pamqp.frame.marshal(Heartbeat(), 0)
+    got, error = await _receive(heartbeat, [1] * len(heartbeat))
+    assert [type(f) for _, _, f in got] == [Heartbeat]
+
 
 async def test_installed_it_carries_a_real_connection(
     amqp_url: str, monkeypatch: pytest.MonkeyPatch
