@@ -92,7 +92,8 @@ async def _run(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Results
             await topology(bench)
             chosen = [name for name in SCENARIOS if not args.only or name in args.only]
             rounded = [name for name in chosen if name in ROUNDED]
-            for bench.round in range(sizes.rounds):
+            for round_ in range(sizes.rounds):
+                bench.round = round_
                 for name in rounded:
                     await _scenario(bench, name)
             for name in chosen:
