@@ -63,19 +63,18 @@ _SIMPLE_FLAGS = sum(flag for flag, _, _ in _SIMPLE_PROPERTIES)
 _UNSET = tuple((name, "" if name == "cluster_id" else None) for name in _Properties.__slots__)
 
 
+def _short_str(payload: bytes, pos: int) -> tuple[str, int]:
+    """An AMQP short string at `pos` (a length octet, then UTF-8); and where the next field is."""
+    end = pos + 1 + payload[pos]
+    return payload[pos + 1 : end].decode(), end
+
+
 def _deliver(payload: bytes) -> commands.Basic.Deliver:
     """Decode a Basic.Deliver method's arguments (after the method index)."""
-    pos = 4
-    size = payload[pos]
-    consumer_tag = payload[pos + 1 : pos + 1 + size].decode()
-    pos += 1 + size
+    consumer_tag, pos = _short_str(payload, 4)
     delivery_tag, bits = _DELIVERY_TAG.unpack_from(payload, pos)
-    pos += _DELIVERY_TAG.size
-    size = payload[pos]
-    exchange = payload[pos + 1 : pos + 1 + size].decode()
-    pos += 1 + size
-    size = payload[pos]
-    routing_key = payload[pos + 1 : pos + 1 + size].decode()
+    exchange, pos = _short_str(payload, pos + _DELIVERY_TAG.size)
+    routing_key, _ = _short_str(payload, pos)
     # The attributes pamqp's own decoding sets; its constructor's validation is for outgoing
     # frames (Deliver's checks nothing).
     frame = commands.Basic.Deliver.__new__(commands.Basic.Deliver)
@@ -99,9 +98,8 @@ def _content_header(payload: bytes) -> ContentHeader | None:
     for flag, name, text in _SIMPLE_PROPERTIES:
         if flags & flag:
             if text:
-                size = payload[pos]
-                setattr(properties, name, payload[pos + 1 : pos + 1 + size].decode())
-                pos += 1 + size
+                value, pos = _short_str(payload, pos)
+                setattr(properties, name, value)
             else:
                 setattr(properties, name, payload[pos])
                 pos += 1
