@@ -15,7 +15,7 @@ import asyncio
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,11 @@ class Results:
         self.sanity.append({"check": name, "pass": bool(ok), "detail": detail})
 
 
+def _us_per_item(cpu: Mapping[str, float], items: int) -> dict[str, float]:
+    """CPU seconds by process group → microseconds per item."""
+    return {group: round(seconds / max(1, items) * 1e6, 1) for group, seconds in cpu.items()}
+
+
 @dataclass
 class Tally:
     """A rate scenario's rounds added up."""
@@ -153,9 +158,7 @@ class Bench:
         t.cpu_items += items if cpu_items is None else cpu_items
         t.rates.append(round(items / seconds, 1))
         self.results.extra[f"{name}_rps_by_round"] = t.rates
-        self.results.extra[f"{name}_cpu_us_per_item"] = {
-            group: round(seconds / max(1, t.cpu_items) * 1e6, 1) for group, seconds in t.cpu.items()
-        }
+        self.results.extra[f"{name}_cpu_us_per_item"] = _us_per_item(t.cpu, t.cpu_items)
         return t.rate
 
     def env(self, **overrides: str) -> dict[str, str]:
@@ -200,10 +203,7 @@ class Bench:
 
     def record_cpu(self, name: str, meter: CpuMeter, items: int) -> None:
         """CPU microseconds per delivery (or request) by process group, into the extras."""
-        used = meter.used()
-        self.results.extra[f"{name}_cpu_us_per_item"] = {
-            group: round(seconds / max(1, items) * 1e6, 1) for group, seconds in used.items()
-        }
+        self.results.extra[f"{name}_cpu_us_per_item"] = _us_per_item(meter.used(), items)
 
     async def after_worker(self) -> None:
         """Between scenarios: nothing left queued, nothing left to retry."""
