@@ -28,6 +28,7 @@ from bench.data import (
     counts,
     insert_webhooks,
     settle,
+    vacuum,
     wait_settled,
     webhook_id,
 )
@@ -206,9 +207,10 @@ class Bench:
         self.results.extra[f"{name}_cpu_us_per_item"] = _us_per_item(meter.used(), items)
 
     async def after_worker(self) -> None:
-        """Between scenarios: nothing left queued, nothing left to retry."""
+        """Between scenarios: nothing left queued, nothing left to retry, no dead rows."""
         await self.publisher.purge()
         await settle(self.pool)
+        await vacuum(self.pool)
 
     @property
     def figures(self) -> dict[str, float | None]:
