@@ -13,6 +13,7 @@ from engine.core.events import Event
 from engine.core.times import rfc3339
 
 __all__ = [
+    "STILL_PENDING",
     "AttemptRecord",
     "NewDelivery",
     "count_deliveries",
@@ -27,6 +28,14 @@ __all__ = [
 Conn: TypeAlias = (
     "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]"
 )
+
+# A delivery found by id is still pending: written so that Postgres finds the rows by their
+# primary key. Spelt `d.status = 'pending'`, it matches the pending-only indexes' predicate,
+# and with the few pending rows it expects Postgres reads the whole of one of them instead,
+# dead entries included: a park of 20 deliveries took 29.7 ms that way with 130,000 ended
+# deliveries since the last vacuum, 1.9 ms by key; during the benchmark's isolation run these
+# statements took 20-50 ms each. The CHECK constraint on status makes the two forms equal.
+STILL_PENDING = "d.status NOT IN ('succeeded', 'failed')"
 
 _RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, response_status,
     response_time_ms, error, created_at, last_attempt_at, next_attempt_at"""
@@ -128,7 +137,7 @@ async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:
     if not records:
         return
     await conn.execute(
-        """WITH u AS (
+        f"""WITH u AS (
                SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[],
                                     $5::int[], $6::text[], $7::text[], $8::text[], $9::text[],
                                     $10::timestamptz[])
@@ -151,7 +160,7 @@ async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:
                next_attempt_at = u.next_attempt_at,
                claimed_by = NULL
            FROM u
-           WHERE d.id = u.id AND d.status = 'pending'""",
+           WHERE d.id = u.id AND {STILL_PENDING}""",
         [r.delivery_id for r in records],
         [r.number for r in records],
         [r.attempted_at for r in records],

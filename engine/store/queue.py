@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from engine.core.events import Event
-from engine.store.deliveries import Conn
+from engine.store.deliveries import STILL_PENDING, Conn
 
 __all__ = [
     "ClaimedDelivery",
@@ -52,12 +52,15 @@ class QueueDepth:
     waiting: int
 
 
-async def claim_due(conn: Conn, worker_id: str, *, limit: int) -> list[ClaimedDelivery]:
+async def claim_due(
+    conn: Conn, worker_id: str, *, limit: int, skip: Sequence[str] = ()
+) -> list[ClaimedDelivery]:
     """Claim up to `limit` due pending deliveries no worker holds, oldest due first.
 
     SKIP LOCKED lets several workers claim at once without waiting on each other or taking the
     same row twice. Deliveries held by a worker that stopped beating come back here once
-    `release_lapsed` has released them.
+    `release_lapsed` has released them. Deliveries of the webhooks in `skip` stay where they
+    are, due, for a later claim.
     """
     if limit <= 0:
         return []
@@ -68,6 +71,7 @@ async def claim_due(conn: Conn, worker_id: str, *, limit: int) -> list[ClaimedDe
                     SELECT d.id FROM deliveries d
                     WHERE d.status = 'pending' AND d.claimed_by IS NULL
                       AND d.next_attempt_at <= now()
+                      AND d.webhook_id <> ALL($3::text[])
                     ORDER BY d.next_attempt_at
                     LIMIT $2
                     FOR UPDATE OF d SKIP LOCKED)
@@ -76,6 +80,7 @@ async def claim_due(conn: Conn, worker_id: str, *, limit: int) -> list[ClaimedDe
                       e.mode, e."timestamp", e.data""",
         worker_id,
         limit,
+        list(skip),
     )
     return [
         ClaimedDelivery(
@@ -107,7 +112,7 @@ async def retake_due(
     """
     rows = await conn.fetch(
         f"""UPDATE deliveries d SET claimed_by = $1
-            WHERE d.id = ANY($3::text[]) AND d.status = 'pending'
+            WHERE d.id = ANY($3::text[]) AND {STILL_PENDING}
               AND d.next_attempt_at <= now()
               AND (d.claimed_by = $1 OR {_UNCLAIMED})
             RETURNING d.id, d.attempts""",
@@ -155,9 +160,9 @@ async def end_deliveries(conn: Conn, delivery_ids: Sequence[str], *, error: str)
     if not delivery_ids:
         return
     await conn.execute(
-        """UPDATE deliveries SET status = 'failed', error = $2, next_attempt_at = NULL,
-                                 claimed_by = NULL
-           WHERE id = ANY($1::text[]) AND status = 'pending'""",
+        f"""UPDATE deliveries d SET status = 'failed', error = $2, next_attempt_at = NULL,
+                                   claimed_by = NULL
+            WHERE d.id = ANY($1::text[]) AND {STILL_PENDING}""",
         list(delivery_ids),
         error,
     )
@@ -196,10 +201,10 @@ async def park_deliveries(
     if not delivery_ids:
         return
     await conn.execute(
-        """UPDATE deliveries d SET claimed_by = NULL,
-                                   next_attempt_at = GREATEST(d.next_attempt_at, u.until)
+        f"""UPDATE deliveries d SET claimed_by = NULL,
+                                    next_attempt_at = GREATEST(d.next_attempt_at, u.until)
            FROM unnest($1::text[], $2::timestamptz[]) AS u(id, until)
-           WHERE d.id = u.id AND d.status = 'pending'""",
+           WHERE d.id = u.id AND {STILL_PENDING}""",
         list(delivery_ids),
         list(until),
     )

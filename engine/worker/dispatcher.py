@@ -16,7 +16,9 @@ else. With time to spare, retries keep their schedule, at most `FAILING_RATE` at
 second, so retries that come due together do not all take the CPU at once. A failing endpoint
 holds at most `hold_each` jobs in memory; the ones beyond are parked — put back in Postgres,
 due a while later, spread over half as long again so they do not all come back at once — so
-dead endpoints cannot fill the memory that healthy ones' deliveries pass through.
+dead endpoints cannot fill the memory that healthy ones' deliveries pass through. While it
+still holds all it may, the poller leaves its webhooks' due deliveries in Postgres
+(`held_back`): claimed, they would only be parked again.
 
 Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL
 and secret, and a deleted or deactivated webhook ends the delivery `failed` with no request.
@@ -74,6 +76,7 @@ class _Endpoint:
         "key",
         "last_used",
         "limit",
+        "parked",
         "pump",
         "queue",
         "slot_freed",
@@ -91,6 +94,7 @@ class _Endpoint:
         self.slot_freed = asyncio.Event()
         self.pump: asyncio.Task[None] | None = None
         self.last_used = now
+        self.parked: set[str] = set()  # webhooks whose jobs it parked since it last succeeded
 
 
 class Dispatcher:
@@ -185,14 +189,37 @@ class Dispatcher:
             limit = self._settings.endpoint_concurrency
             breaker = Breaker(self._pause_cap)
             endpoint = self._endpoints[key] = _Endpoint(key, bucket, breaker, now, limit)
-        elif endpoint.breaker.tripped and len(endpoint.queue) >= self.hold_each:
+        elif self._full(endpoint):
             self._recorder.park(job, endpoint.breaker.park_for(now, spread=random.random()))
+            endpoint.parked.add(job.webhook_id)
             return
         endpoint.queue.append(job)
         endpoint.last_used = now
         self._queued += 1
         if endpoint.pump is None and not self._stopping:
             endpoint.pump = asyncio.create_task(self._pump(endpoint), name=f"pump {key}")
+
+    def _full(self, ep: _Endpoint) -> bool:
+        """Whether a failing endpoint holds all it may in memory (the rest is parked)."""
+        return ep.breaker.tripped and len(ep.queue) >= self.hold_each
+
+    def held_back(self) -> list[str]:
+        """Webhooks whose due deliveries the poller leaves in Postgres for now.
+
+        Those of failing endpoints that parked jobs and still hold at least half of what they
+        may in memory: claimed, their deliveries would only be parked again, a claim and an
+        update each, poll after poll. They are claimed as usual once the endpoint is down to
+        half (what does not fit is parked again: once per half a queue, not once per attempt)
+        or has recovered. A webhook whose URL moved to another endpoint is not held back.
+        """
+        held: list[str] = []
+        for ep in self._endpoints.values():
+            if ep.parked and ep.breaker.tripped and len(ep.queue) >= self.hold_each // 2:
+                for webhook_id in ep.parked:
+                    target = self._cache.get(webhook_id)
+                    if target is not None and self._key(target.url) == ep.key:
+                        held.append(webhook_id)
+        return held
 
     async def _pump(self, ep: _Endpoint) -> None:
         """Start the endpoint's queued attempts as its limits and the global bound allow."""
@@ -300,6 +327,7 @@ class Dispatcher:
         """
         if succeeded:
             ep.breaker.succeeded()
+            ep.parked.clear()
             if ep.limit < self._settings.endpoint_concurrency:
                 ep.limit += 1
         else:

@@ -119,7 +119,8 @@ class Poller:
     async def poll_once(self) -> int:
         """Claim what is due (up to the dispatcher's room) and dispatch it; return the count."""
         limit = min(CLAIM_BATCH, self._dispatcher.room())
-        claimed = await claim_due(self._pool, self._worker_id, limit=limit)
+        skip = self._dispatcher.held_back()
+        claimed = await claim_due(self._pool, self._worker_id, limit=limit, skip=skip)
         if claimed:
             self._dispatcher.submit(
                 Job(c.id, c.webhook_id, c.event, c.attempts + 1) for c in claimed

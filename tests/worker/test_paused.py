@@ -155,6 +155,50 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     assert all(rows[r["id"]]["last_attempt_at"] >= r["next_attempt_at"] for r in parked)
 
 
+async def test_the_poller_leaves_a_full_failing_endpoints_deliveries_in_postgres(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(retry_schedule=SCHEDULE)
+    worker.dispatcher.hold_each = 5
+    worker.dispatcher.behind = lambda: True  # so the failing endpoint's queue stays full
+    switch = Switch()
+    receiver.handler = switch
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    first = await _publish(publisher, account, webhook_id, 8)
+    await eventually(lambda: _failing(worker) == 1.0)
+    more = await _publish(publisher, account, webhook_id, 20)
+    await eventually(lambda: _sample(worker, "deliveries_parked_total") >= 15)
+    assert worker.dispatcher.held_back() == [webhook_id]
+
+    # Due now, yet left alone while the endpoint holds all it may: claimed, they would only be
+    # parked again (before, every poll claimed them and parked them again).
+    parked = _sample(worker, "deliveries_parked_total")
+    due_now = await pool.execute(
+        "UPDATE deliveries SET next_attempt_at = now() WHERE id = ANY($1::text[])"
+        " AND claimed_by IS NULL AND status = 'pending'",
+        more,
+    )
+    assert int(due_now.split()[-1]) >= 10
+    await asyncio.sleep(10 * wsettings.poll_interval)
+    assert _sample(worker, "deliveries_parked_total") == parked
+    left = await pool.fetchval(
+        "SELECT count(*) FROM deliveries WHERE id = ANY($1::text[]) AND claimed_by IS NULL",
+        more,
+    )
+    assert left >= 10
+
+    # Healed, the endpoint has room again and nothing is lost: every delivery succeeds.
+    switch.heal()
+    rows = await wait_final(pool, first + more, timeout=15)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    assert worker.dispatcher.held_back() == []
+
+
 async def _any(rows: Awaitable[list[asyncpg.Record]]) -> bool:
     return bool(await rows)
 
