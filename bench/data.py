@@ -124,8 +124,10 @@ async def vacuum(pool: asyncpg.Pool[Any]) -> None:
     Every delivery is inserted `pending` and rewritten when it ends, so each scenario leaves
     one dead version per delivery, and the pending-only indexes an entry for each. This
     machine's Postgres runs with autovacuum off, so without this every scenario paid for the
-    garbage of all the ones before it (the worker's heartbeat scans, page pruning on the
-    first touch): the latency scenario run after throughput's 60,000 deliveries had p99s of
-    147-271 ms where, vacuumed first, it had 32-130 ms (four runs each, interleaved).
+    garbage of all the ones before it — the worker's heartbeat scans the pending index, and
+    until the worker's updates by id stopped matching that index (`STILL_PENDING`) so did
+    every recorder write: the latency scenario run after throughput's 60,000 deliveries had
+    p99s of 147-271 ms where, vacuumed first, it had 32-130 ms (four runs each, interleaved,
+    before that change).
     """
     await pool.execute("VACUUM (ANALYZE) deliveries, delivery_attempts, events")
