@@ -17,7 +17,7 @@ second, so retries that come due together do not all take the CPU at once. A fai
 holds at most `hold_each` jobs in memory; the ones beyond are parked — put back in Postgres,
 due a while later, spread over half as long again so they do not all come back at once — so
 dead endpoints cannot fill the memory that healthy ones' deliveries pass through. While it
-still holds all it may, the poller leaves its webhooks' due deliveries in Postgres
+still holds at least half of that, the poller leaves its webhooks' due deliveries in Postgres
 (`held_back`): claimed, they would only be parked again.
 
 Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -109,14 +110,25 @@ async def test_a_failing_endpoint_is_paced_while_behind_and_resumes_on_a_success
     assert failed_attempts >= TRIP
 
 
-async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_in_postgres(
-    *,
+@dataclass
+class Parking:
+    """A worker whose failing endpoint holds its share (5) and parked the rest."""
+
+    worker: Worker
+    switch: Switch
+    webhook_id: str
+    first: list[str]  # deliveries published before it tripped
+    more: list[str]  # published after, mostly parked
+    published_at: datetime  # when `more` began
+
+
+async def _parking(
     start_worker: Callable[..., Any],
     publisher: Publisher,
     receiver: Receiver,
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
-) -> None:
+) -> Parking:
     worker = await start_worker(retry_schedule=SCHEDULE)
     worker.dispatcher.hold_each = 5
     worker.dispatcher.behind = lambda: True  # so the failing endpoint's queue stays full
@@ -129,6 +141,19 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     published_at = datetime.now(UTC)
     more = await _publish(publisher, account, webhook_id, 20)
     await eventually(lambda: _sample(worker, "deliveries_parked_total") >= 15)
+    return Parking(worker, switch, webhook_id, first, more, published_at)
+
+
+async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_in_postgres(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    p = await _parking(start_worker, publisher, receiver, pool, wsettings)
+    worker, switch, first, more = p.worker, p.switch, p.first, p.more
     assert worker.dispatcher.queued <= 5
 
     async def parked_rows() -> list[asyncpg.Record]:
@@ -144,7 +169,7 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     assert len(parked) >= 10
     assert all(r["status"] == "pending" for r in parked)
     assert all(
-        r["next_attempt_at"] >= published_at + timedelta(seconds=MIN_PARK - 0.5) for r in parked
+        r["next_attempt_at"] >= p.published_at + timedelta(seconds=MIN_PARK - 0.5) for r in parked
     )
 
     # Nothing is lost: healed, every delivery succeeds, the parked ones once they are due.
@@ -163,17 +188,9 @@ async def test_the_poller_leaves_a_full_failing_endpoints_deliveries_in_postgres
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    worker = await start_worker(retry_schedule=SCHEDULE)
-    worker.dispatcher.hold_each = 5
-    worker.dispatcher.behind = lambda: True  # so the failing endpoint's queue stays full
-    switch = Switch()
-    receiver.handler = switch
-    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    first = await _publish(publisher, account, webhook_id, 8)
-    await eventually(lambda: _failing(worker) == 1.0)
-    more = await _publish(publisher, account, webhook_id, 20)
-    await eventually(lambda: _sample(worker, "deliveries_parked_total") >= 15)
-    assert worker.dispatcher.held_back() == [webhook_id]
+    p = await _parking(start_worker, publisher, receiver, pool, wsettings)
+    worker, switch, first, more = p.worker, p.switch, p.first, p.more
+    assert worker.dispatcher.held_back() == [p.webhook_id]
 
     # Due now, yet left alone while the endpoint holds all it may: claimed, they would only be
     # parked again (before, every poll claimed them and parked them again).
