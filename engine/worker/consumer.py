@@ -165,6 +165,11 @@ class Consumer:
         return asyncio.get_running_loop().time() - self._idle_at >= BEHIND_AFTER
 
     @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The consuming loop, while started: it runs until `stop()`."""
+        return (self._task,) if self._task is not None else ()
+
+    @property
     def connected(self) -> bool:
         c = self._connection
         return c is not None and not c.is_closed and c.connected.is_set()
@@ -287,11 +292,15 @@ class Consumer:
         """Process one batch and queue its acks; on failure its messages go back to the queue."""
         try:
             await self._process(batch, now)
-        except _BROKER_LOST as exc:
+        except (*_BROKER_LOST, asyncio.CancelledError) as exc:
+            # (A dead letter's confirm fails with CancelledError when its connection closes.)
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise
             log.warning(
                 "broker connection lost mid-batch; its messages will be redelivered",
                 extra={"messages": len(batch), "error": repr(exc)},
             )
+            await _nack(batch)  # (nothing to do where their channel is gone, as it should be)
         except Exception:  # a bug in one batch must not stop consuming
             log.exception("batch failed; returning its messages to the queue")
             await asyncio.sleep(1.0)  # no hot loop if it fails again
@@ -502,8 +511,9 @@ async def _ack(batch: Sequence[DeliveredMessage]) -> None:
             continue
         try:
             await message.channel.basic_ack(tag, multiple=True)
-        except _BROKER_LOST:
-            continue  # its channel is gone; the broker will redeliver these
+        except BaseException as exc:
+            if not _gone_with_channel(exc, message.channel):
+                raise
 
 
 async def _nack(batch: Sequence[DeliveredMessage]) -> None:
@@ -513,5 +523,27 @@ async def _nack(batch: Sequence[DeliveredMessage]) -> None:
             continue
         try:
             await message.channel.basic_reject(tag, requeue=True)
-        except _BROKER_LOST:
-            continue
+        except BaseException as exc:
+            if not _gone_with_channel(exc, message.channel):
+                raise
+
+
+def _gone_with_channel(exc: BaseException, channel: aiormq.abc.AbstractChannel) -> bool:
+    """Whether `exc`, raised by an ack or reject on `channel`, only says the channel went away:
+    the broker then redelivers the messages, so there is nothing more to do.
+
+    aiormq fails a frame still waiting to be written when its connection closes with whatever the
+    close carries: a connection error, a bare `Exception`, or `CancelledError` — which is then not
+    this task being cancelled, and must not end it (it once ended the consuming loop, silently).
+    """
+    if isinstance(exc, _BROKER_LOST):
+        return True
+    if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+        return False
+    return isinstance(exc, Exception | asyncio.CancelledError) and channel.is_closed
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task is being cancelled (rather than handed a CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
