@@ -79,6 +79,11 @@ class SubscriptionCache:
         await self._listening.wait()
         await self.reload()
 
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """Listening, applying changes and periodic reloads, while started: until `close()`."""
+        return tuple(self._tasks)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -156,6 +156,11 @@ class Dispatcher:
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="dispatcher-sweep")
 
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The sweeper, while started: it runs until `drain()`."""
+        return (self._sweeper,) if self._sweeper is not None else ()
+
     def submit(self, jobs: Iterable[Job]) -> None:
         """Queue jobs on their endpoints; a job whose webhook is gone ends at once."""
         for job in jobs:

@@ -77,6 +77,10 @@ class Worker:
         )
         self.dispatcher.behind = self.consumer.behind
         self._started = False
+        self._stopping = False
+        # Set, with what ended and how, when one of the worker's loops ends before `stop()`.
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
 
     async def start(self) -> None:
         """Cache first, then register, then start taking work from Postgres and RabbitMQ."""
@@ -87,11 +91,39 @@ class Worker:
         self._started = True
         await self.poller.start()
         await self.consumer.start()
+        self._supervise()
         log.info("worker started", extra={"worker_id": self.id})
+
+    def _supervise(self) -> None:
+        """Every loop of the worker must run until `stop()`. One that ends before — an exception
+        nobody expected, a cancellation that was not ours — would leave a process that looks
+        alive and does nothing, so that is logged and `failed` set: `run` then stops the worker
+        and exits non-zero, for the orchestrator to restart it (what was not acked comes back,
+        the claims are released)."""
+        for part in (self.cache, self.recorder, self.dispatcher, self.poller, self.consumer):
+            for task in part.tasks:
+                task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        if task.cancelled():
+            error, exc = "cancelled", None
+        else:
+            exc = task.exception()
+            error = "returned" if exc is None else repr(exc)
+        self.failure = f"{task.get_name()}: {error}"
+        log.critical(
+            "a worker loop ended unexpectedly; stopping",
+            extra={"worker_id": self.id, "task": task.get_name(), "error": error},
+            exc_info=exc,
+        )
+        self.failed.set()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming, let attempts under way finish for up to `grace` seconds, cancel the
         rest, write what is recorded and release this worker's claims for others to take."""
+        self._stopping = True
         grace = self.settings.shutdown_grace if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -128,7 +160,8 @@ class Worker:
 
 
 async def run(settings: Settings) -> int:
-    """Run the delivery engine until SIGTERM or SIGINT; exit 0 after a graceful stop."""
+    """Run the delivery engine until SIGTERM or SIGINT; exit 0 after a graceful stop, 1 after
+    one of its loops ended unexpectedly (see `Worker._supervise`)."""
     if not settings.secret_keys:
         log.warning("CARGOLINT_SECRET_KEY is not set: signing secrets are stored unencrypted")
     stop = asyncio.Event()
@@ -155,8 +188,11 @@ async def run(settings: Settings) -> int:
                 # of it — measured, a 55 ms pause in the middle of steady traffic, the worst
                 # second of the benchmark's latency run. Freed by reference counting as ever.
                 gc.freeze()
-                await stop.wait()
-                log.info("shutting down", extra={"grace_s": settings.shutdown_grace})
+                await _either(stop, worker.failed)
+                log.info(
+                    "shutting down",
+                    extra={"grace_s": settings.shutdown_grace, "failure": worker.failure},
+                )
             finally:
                 await worker.stop()
                 await health.close()
@@ -165,4 +201,14 @@ async def run(settings: Settings) -> int:
             await pool.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    return 0
+    return 0 if worker.failure is None else 1
+
+
+async def _either(*events: asyncio.Event) -> None:
+    """Wait until any of `events` is set."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

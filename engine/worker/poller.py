@@ -61,6 +61,11 @@ class Poller:
     def beat_interval(self) -> float:
         return min(self._settings.worker_lease / 3, 5.0)
 
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """Polling and heartbeat, while started: they run until `stop()`."""
+        return tuple(self._tasks)
+
     async def start(self) -> None:
         """Register this worker (before it claims anything), then poll and beat."""
         await retry_transient(self._beat, what="register worker", give_up_after=30.0)

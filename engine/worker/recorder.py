@@ -66,6 +66,11 @@ class Recorder:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="recorder")
 
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The writing loop, while started: it runs until `close()`."""
+        return (self._task,) if self._task is not None else ()
+
     def attempted(self, job: Job, outcome: Outcome, attempted_at: datetime) -> None:
         """Queue the record of one finished attempt."""
         event_type = job.event.type

@@ -1,15 +1,22 @@
-"""An ack or reject caught by its connection's close is not an error: the broker redelivers."""
+"""A worker whose loop ends before it is stopped says so and exits 1, rather than living on idle;
+an ack or reject caught by its connection's close is not such an end."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import aiormq
 import pytest
 from aiormq.abc import DeliveredMessage
 
+from engine.settings import Settings
+from engine.worker import main
 from engine.worker.consumer import _ack, _nack
+from tests.worker.conftest import StartWorker
+from tests.worker.helpers import eventually
 
 
 async def _one_message(amqp_url: str) -> tuple[aiormq.abc.AbstractConnection, DeliveredMessage]:
@@ -50,3 +57,42 @@ async def test_cancelling_an_ack_still_cancels_it(amqp_url: str) -> None:
             await settling
     finally:
         await connection.close()
+
+
+async def test_a_loop_that_ends_before_the_stop_fails_the_worker(
+    start_worker: StartWorker,
+) -> None:
+    worker = await start_worker()
+    assert not worker.failed.is_set()
+    worker.poller.tasks[0].cancel()  # as a CancelledError nobody expected would end it
+    await eventually(worker.failed.is_set, timeout=5)
+    assert worker.failure == "poller: cancelled"
+
+
+async def test_a_stop_is_not_a_failure(start_worker: StartWorker) -> None:
+    worker = await start_worker()
+    await worker.stop(grace=0.5)
+    assert not worker.failed.is_set()
+    assert worker.failure is None
+
+
+async def test_the_worker_process_exits_1_when_its_consumer_stops_unexpectedly(
+    wsettings: Settings,
+) -> None:
+    running = asyncio.create_task(main.run(wsettings))
+    await eventually(lambda: _task_named("consumer") is not None, timeout=30)
+    consumer = _task_named("consumer")
+    assert consumer is not None
+    consumer.cancel()
+    assert await asyncio.wait_for(running, 30) == 1
+
+
+async def test_the_worker_process_exits_0_on_sigterm(wsettings: Settings) -> None:
+    running = asyncio.create_task(main.run(wsettings))
+    await eventually(lambda: _task_named("consumer") is not None, timeout=30)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by run(), as the CLI's process would
+    assert await asyncio.wait_for(running, 30) == 0
+
+
+def _task_named(name: str) -> asyncio.Task[Any] | None:
+    return next((t for t in asyncio.all_tasks() if t.get_name() == name), None)
