@@ -126,7 +126,8 @@ async def retake_due(
 async def release_lapsed(conn: Conn, worker_id: str, *, lease: float) -> int:
     """Release the claims of every worker but this one that is gone or silent for a lease.
 
-    Reads every pending delivery, so it runs every few seconds, not on every poll. A worker
+    Reads every claimed pending delivery (by `deliveries_claimed`: as many as the workers hold,
+    however long the backlog), so it runs every few seconds, not on every poll. A worker
     that was only slow to beat (a database outage) keeps the deliveries it holds in memory;
     if another worker attempts one of them too, receivers deduplicate on the delivery id.
     """
@@ -144,7 +145,8 @@ async def release_lapsed(conn: Conn, worker_id: str, *, lease: float) -> int:
 
 
 async def own_stale(conn: Conn, worker_id: str, *, overdue: float) -> list[str]:
-    """Pending deliveries this worker claims that have been due for over `overdue` seconds."""
+    """Pending deliveries this worker claims that have been due for over `overdue` seconds
+    (read by `deliveries_claimed`)."""
     rows = await conn.fetch(
         """SELECT id FROM deliveries
            WHERE claimed_by = $1 AND status = 'pending'
