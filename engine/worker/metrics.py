@@ -132,12 +132,12 @@ class Metrics:
         )
         self.retries_due = Gauge(
             p + "retries_due",
-            "Pending deliveries whose next attempt is due now (from Postgres).",
+            "Pending deliveries whose next attempt is due now (from Postgres, every 30 s).",
             registry=r,
         )
         self.retries_pending = Gauge(
             p + "retries_pending",
-            "Pending deliveries waiting for a later retry (from Postgres).",
+            "Pending deliveries waiting for a later retry (from Postgres, every 30 s).",
             registry=r,
         )
         self.rate_limit_waits = Counter(

@@ -35,6 +35,9 @@ __all__ = ["Poller"]
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 500
+# The retries gauges count every pending delivery in Postgres (≈ 0.2 s of its CPU for a million):
+# read at the first beat, then no more often than this, not on every beat of every worker.
+DEPTH_EVERY = 30.0
 
 
 class Poller:
@@ -56,6 +59,7 @@ class Poller:
         self._worker_id = worker_id
         self._hostname = socket.gethostname()
         self._tasks: list[asyncio.Task[None]] = []
+        self._depth_at = float("-inf")
 
     @property
     def beat_interval(self) -> float:
@@ -84,21 +88,22 @@ class Poller:
         await heartbeat(self._pool, self._worker_id, self._hostname)
 
     async def _beat_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.beat_interval)
             try:
                 await self._beat()
                 await self._release_orphans()
                 await self._release_lapsed()
-                depth = await queue_depth(self._pool)
+                if loop.time() - self._depth_at >= DEPTH_EVERY:
+                    depth = await queue_depth(self._pool)
+                    self._depth_at = loop.time()
+                    self._metrics.retries_due.set(depth.due)
+                    self._metrics.retries_pending.set(depth.waiting)
             except TRANSIENT as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
-                continue
             except Exception:  # keep beating: losing the lease hands our work to others
                 log.exception("heartbeat failed")
-                continue
-            self._metrics.retries_due.set(depth.due)
-            self._metrics.retries_pending.set(depth.waiting)
 
     async def _release_orphans(self) -> None:
         """Release claims this worker holds on rows it no longer has in memory.
@@ -113,7 +118,7 @@ class Poller:
             log.warning("released orphaned claims", extra={"count": len(orphans)})
 
     async def _release_lapsed(self) -> None:
-        """Hand the claims of gone or silent workers back to `claim_due` (reads every pending
+        """Hand the claims of gone or silent workers back to `claim_due` (reads every claimed
         delivery, hence once a beat rather than once a poll)."""
         released = await release_lapsed(
             self._pool, self._worker_id, lease=self._settings.worker_lease
