@@ -36,6 +36,10 @@ _UNCLAIMED = """(d.claimed_by IS NULL OR NOT EXISTS (
                       AND w.heartbeat_at > now() - make_interval(secs => $2)))"""
 
 
+# Leases of silence after which a worker that claims nothing is forgotten (its row deleted).
+FORGET_AFTER = 10
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimedDelivery:
     """A due delivery this worker now holds, with the event it carries."""
@@ -130,16 +134,28 @@ async def release_lapsed(conn: Conn, worker_id: str, *, lease: float) -> int:
     however long the backlog), so it runs every few seconds, not on every poll. A worker
     that was only slow to beat (a database outage) keeps the deliveries it holds in memory;
     if another worker attempts one of them too, receivers deduplicate on the delivery id.
+
+    The row of a worker silent for `FORGET_AFTER` leases that claims nothing any more (its
+    claims were released a beat earlier) is deleted: every restart of a pod is a new worker, so
+    the table would otherwise only grow. Should that worker come back, its heartbeat adds the
+    row again.
     """
     released: int = await conn.fetchval(
         f"""WITH released AS (
                 UPDATE deliveries d SET claimed_by = NULL
                 WHERE d.status = 'pending' AND d.claimed_by IS NOT NULL
                   AND d.claimed_by <> $1 AND {_UNCLAIMED}
-                RETURNING 1)
+                RETURNING 1),
+            forgotten AS (
+                DELETE FROM workers w
+                WHERE w.id <> $1
+                  AND w.heartbeat_at < now() - make_interval(secs => $2 * $3)
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                  WHERE d.claimed_by = w.id AND d.status = 'pending'))
             SELECT count(*) FROM released""",
         worker_id,
         lease,
+        FORGET_AFTER,
     )
     return released
 

@@ -1,4 +1,4 @@
-"""The heartbeat's reading of the retry backlog into the retries gauges."""
+"""The heartbeat: the retries gauges, and forgetting workers long gone."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 
+from engine.store.queue import release_lapsed
 from tests.worker.conftest import StartWorker
 from tests.worker.helpers import eventually
 
@@ -39,3 +40,41 @@ async def test_the_retries_gauges_count_the_backlog_from_the_first_beat(
     await eventually(lambda: waiting() >= far, timeout=10)
     assert far >= 3000
     assert far <= waiting() <= pending
+
+
+async def test_a_long_silent_worker_is_forgotten_once_its_claims_are_released(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    tag = secrets.token_hex(4)
+    gone, quiet, live = f"wrk_gone_{tag}", f"wrk_quiet_{tag}", f"wrk_live_{tag}"
+    await pool.execute(
+        """INSERT INTO workers (id, hostname, heartbeat_at) VALUES
+               ($1, 'h', now() - interval '1 hour'),
+               ($2, 'h', now() - interval '30 seconds'),
+               ($3, 'h', now())""",
+        gone,
+        quiet,
+        live,
+    )
+    await pool.execute(
+        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type,
+                                   next_attempt_at, claimed_by)
+           VALUES ('dlv_forget_' || $1, 'wh_forget', 'acct_forget', 'evt_forget', 't',
+                   now() + interval '1 hour', $2)""",
+        tag,
+        gone,
+    )
+
+    async def workers() -> set[str]:
+        rows = await pool.fetch("SELECT id FROM workers WHERE id LIKE '%' || $1", tag)
+        return {r["id"] for r in rows}
+
+    assert await release_lapsed(pool, "wrk_me", lease=15.0) >= 1
+    claimed = await pool.fetchval(
+        "SELECT claimed_by FROM deliveries WHERE id = 'dlv_forget_' || $1", tag
+    )
+    assert claimed is None
+    assert await workers() == {gone, quiet, live}  # it still held a claim as the beat began
+    await release_lapsed(pool, "wrk_me", lease=15.0)
+    # Silent for over ten leases and claiming nothing: forgotten. Silent for two: kept.
+    assert await workers() == {quiet, live}
