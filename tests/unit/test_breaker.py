@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.core.breaker import FAILING_RATE, FIRST_PAUSE, MAX_PARK, MIN_PARK, TRIP, Breaker
+from engine.core.breaker import (
+    FAILING_BURST,
+    FAILING_RATE,
+    FIRST_PAUSE,
+    MAX_PARK,
+    MIN_PARK,
+    TRIP,
+    Breaker,
+)
 
 
 def _failed(breaker: Breaker, times: int, now: float = 100.0) -> Breaker:
@@ -69,9 +77,10 @@ def _starts(breaker: Breaker, now: float, count: int) -> list[float]:
 
 def test_with_time_to_spare_a_failing_endpoint_keeps_to_its_rate_after_a_burst() -> None:
     breaker = _failed(Breaker(1.0), TRIP)
-    burst = int(FAILING_RATE)
+    burst = int(FAILING_BURST)
     times = _starts(breaker, 100.0, burst + 50)
-    assert times[burst - 1] == 100.0  # a burst of FAILING_RATE at once
+    assert times[burst - 1] == 100.0  # a burst of FAILING_BURST at once
+    assert times[burst] > 100.0
     gaps = [b - a for a, b in zip(times[burst:], times[burst + 1 :], strict=False)]
     assert gaps == pytest.approx([1.0 / FAILING_RATE] * len(gaps))
     # Idle for a second, the burst is back.
@@ -88,7 +97,7 @@ def test_before_the_trip_and_after_a_success_there_is_no_rate() -> None:
     assert _starts(breaker, 100.0, 500) == [100.0] * 500
     # A new streak starts with a full burst, whatever the last one spent.
     _failed(breaker, TRIP, now=100.0)
-    assert _starts(breaker, 100.0, int(FAILING_RATE))[-1] == 100.0
+    assert _starts(breaker, 100.0, int(FAILING_BURST))[-1] == 100.0
 
 
 @pytest.mark.parametrize(

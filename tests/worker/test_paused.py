@@ -230,11 +230,22 @@ async def test_a_failing_endpoint_keeps_the_schedule_while_the_worker_has_time(
     receiver.handler = Switch()
     account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
     ids = await _publish(publisher, account, webhook_id, 20)
-    # 20 deliveries x 3 attempts (schedule 0.2 s, 0.4 s): all made on time, none paced.
+    # 20 deliveries x 3 attempts (schedule 0.2 s, 0.4 s): all made on time, none paused.
     rows = await wait_final(pool, ids, timeout=10)
     assert {(r["status"], r["attempts"]) for r in rows.values()} == {("failed", 3)}
     assert _failing(worker) >= 1.0  # (retries left by earlier tests may fail here too)
-    assert _sample(worker, "rate_limit_waits_total", {"limit": "failing"}) == 0.0
+    # Each retry within its schedule (+10 % jitter) and the spreading of 20 due together at
+    # FAILING_RATE (0.2 s): paused as while behind, they would wait a pause doubling per failure.
+    attempts = await pool.fetch(
+        """SELECT delivery_id, number, attempted_at FROM delivery_attempts
+           WHERE delivery_id = ANY($1::text[]) ORDER BY delivery_id, number""",
+        ids,
+    )
+    at = {(a["delivery_id"], a["number"]): a["attempted_at"] for a in attempts}
+    for delivery in ids:
+        for number, scheduled in ((2, 0.2), (3, 0.4)):
+            gap = (at[delivery, number] - at[delivery, number - 1]).total_seconds()
+            assert scheduled <= gap <= scheduled * 1.1 + 20 / FAILING_RATE + 0.3, gap
 
 
 async def test_with_time_to_spare_a_failing_endpoint_is_held_to_its_rate(
