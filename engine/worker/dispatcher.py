@@ -201,8 +201,11 @@ class Dispatcher:
         endpoint.queue.append(job)
         endpoint.last_used = now
         self._queued += 1
-        if endpoint.pump is None and not self._stopping:
-            endpoint.pump = asyncio.create_task(self._pump(endpoint), name=f"pump {key}")
+        self._start_pump(endpoint)
+
+    def _start_pump(self, ep: _Endpoint) -> None:
+        if ep.pump is None and ep.queue and not self._stopping:
+            ep.pump = asyncio.create_task(self._pump(ep), name=f"pump {ep.key}")
 
     def _full(self, ep: _Endpoint) -> bool:
         """Whether a failing endpoint holds all it may in memory (the rest is parked)."""
@@ -272,6 +275,11 @@ class Dispatcher:
                 task = asyncio.create_task(self._attempt(ep, job))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
+        except Exception:
+            # A bug. The queued jobs must not be stranded until the endpoint's next job comes:
+            # start again in a second (not at once: the same bug would spin).
+            log.exception("endpoint pump failed; restarting it", extra={"endpoint": ep.key})
+            asyncio.get_running_loop().call_later(1.0, self._start_pump, ep)
         finally:
             ep.pump = None
 

@@ -1,5 +1,6 @@
 """A worker whose loop ends before it is stopped says so and exits 1, rather than living on idle;
-an ack or reject caught by its connection's close is not such an end."""
+an ack or reject caught by its connection's close is not such an end; an endpoint's pump that
+fails starts again."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ import signal
 from typing import Any
 
 import aiormq
+import asyncpg
 import pytest
 from aiormq.abc import DeliveredMessage
 
 from engine.settings import Settings
 from engine.worker import main
 from engine.worker.consumer import _ack, _nack
+from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker
-from tests.worker.helpers import eventually
+from tests.worker.helpers import (
+    Publisher,
+    dlv,
+    eventually,
+    make_event,
+    subscribed,
+    wait_final,
+)
 
 
 async def _one_message(amqp_url: str) -> tuple[aiormq.abc.AbstractConnection, DeliveredMessage]:
@@ -96,3 +106,36 @@ async def test_the_worker_process_exits_0_on_sigterm(wsettings: Settings) -> Non
 
 def _task_named(name: str) -> asyncio.Task[Any] | None:
     return next((t for t in asyncio.all_tasks() if t.get_name() == name), None)
+
+
+async def test_an_endpoint_pump_that_fails_starts_again_and_strands_nothing(
+    *,
+    start_worker: StartWorker,
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = await start_worker()
+    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    dispatcher = worker.dispatcher
+    real_cap = dispatcher._cap
+    events = [make_event(account) for _ in range(5)]
+    last = dlv(webhook_id, account, events[-1])
+    failures = []
+
+    def cap_failing_once(ep: Any) -> int:
+        # A bug in the pump's path, once, when the last job is queued: no job comes after it.
+        if not failures and any(job.delivery_id == last for job in ep.queue):
+            failures.append(ep.key)
+            raise RuntimeError("a bug")
+        return real_cap(ep)
+
+    dispatcher._cap = cap_failing_once  # type: ignore[method-assign]
+    await publisher.publish_many(events)
+    # Nothing else comes for that endpoint: only the restart can take the queued jobs on.
+    rows = await wait_final(pool, [dlv(webhook_id, account, e) for e in events], timeout=15)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    assert failures
+    assert "endpoint pump failed; restarting it" in caplog.text
