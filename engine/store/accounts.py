@@ -46,7 +46,11 @@ async def _insert_key(conn: Conn, account_id: str, mode: str) -> str:
 
 
 async def create_account(
-    conn: asyncpg.Connection[Any], *, name: str, plan: str, mode: str
+    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    *,
+    name: str,
+    plan: str,
+    mode: str,
 ) -> tuple[str, str]:
     """Create an account with its first API key; return (account id, key plaintext)."""
     account_id = new_id("acct")

@@ -210,6 +210,7 @@ async def test_logs_never_hold_keys_or_secrets(
     with caplog.at_level(logging.DEBUG):
         created = await client.create(f"{receiver.url}/hook")
         await client.call("POST", f"/api/v1/webhooks/{created['id']}/test")
+        assert client.key is not None
         await client.call("GET", "/api/v1/webhooks", headers={"X-API-Key": client.key + "x"})
     formatter = JsonFormatter()
     text = "\n".join(formatter.format(r) for r in caplog.records)

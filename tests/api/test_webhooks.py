@@ -465,8 +465,9 @@ async def test_every_change_sends_notify(client: Client, database_url: str) -> N
     listener = await connect(database_url)
     received: asyncio.Queue[str] = asyncio.Queue()
 
-    def on_notify(_conn: object, _pid: int, channel: str, payload: str) -> None:
+    def on_notify(_conn: object, _pid: int, channel: str, payload: object) -> None:
         assert channel == NOTIFY_CHANNEL
+        assert isinstance(payload, str)
         received.put_nowait(payload)
 
     await listener.add_listener(NOTIFY_CHANNEL, on_notify)

@@ -40,7 +40,7 @@ Quick = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
 @pytest.fixture(scope="module")
 def quick(
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[subprocess.CompletedProcess[str], dict]:
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench") / "summary.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out)],

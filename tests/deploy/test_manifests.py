@@ -58,7 +58,8 @@ def settings_env(docs: tuple[Doc, ...]) -> dict[str, str]:
 
 
 def secret_example() -> Doc:
-    (secret,) = yaml.safe_load_all((DEPLOY / "secret.example.yaml").read_text())
+    docs: list[Doc] = list(yaml.safe_load_all((DEPLOY / "secret.example.yaml").read_text()))
+    (secret,) = docs
     return secret
 
 
@@ -190,7 +191,7 @@ def test_every_deployment_has_a_disruption_budget(overlay: str) -> None:
 
 def _selects(selector: Doc, labels: dict[str, str]) -> bool:
     assert set(selector) == {"matchLabels"}
-    return selector["matchLabels"].items() <= labels.items()
+    return bool(selector["matchLabels"].items() <= labels.items())
 
 
 @pytest.mark.parametrize("name", [_WORKER, _API])

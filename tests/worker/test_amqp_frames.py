@@ -212,6 +212,7 @@ async def test_installed_it_carries_a_real_connection(
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             received.append(message.body)
             if len(received) == len(bodies):
+                assert message.delivery_tag is not None
                 await channel.basic_ack(message.delivery_tag, multiple=True)
                 done.set()
 

@@ -138,7 +138,7 @@ async def test_receiver_answers(
         await response.prepare(request)
         chunk = b"x" * 65536
         try:
-            for _ in range(160):
+            for _chunk in range(160):
                 await response.write(chunk)
         except (ConnectionError, RuntimeError):
             pass
@@ -297,7 +297,8 @@ async def test_an_attempt_that_raises_is_recorded_failed_and_retried_not_held(
     receiver: Receiver,
     pool: asyncpg.Pool[Any],
 ) -> None:
-    async with _BrokenOnce(wsettings) as sender:
+    sender = _BrokenOnce(wsettings)
+    async with sender:
         worker = Worker(wsettings, pool=pool, sender=sender)
         await worker.start()
         try:

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 
-from engine.store.deliveries import AttemptRecord, record_attempts
+from engine.store.deliveries import AttemptRecord, Conn, record_attempts
 from engine.store.queue import (
     end_deliveries,
     own_stale,
@@ -22,11 +22,10 @@ from engine.store.queue import (
     retake_due,
 )
 
-# A string: asyncpg's classes are generic only to the type checker.
-Statement: TypeAlias = "Callable[[asyncpg.Connection[Any], list[str]], Awaitable[object]]"
+Statement: TypeAlias = Callable[[Conn, list[str]], Awaitable[object]]
 
 
-async def _record(conn: asyncpg.Connection[Any], ids: list[str]) -> None:
+async def _record(conn: Conn, ids: list[str]) -> None:
     now = datetime.now(UTC)
     await record_attempts(
         conn,
@@ -34,15 +33,15 @@ async def _record(conn: asyncpg.Connection[Any], ids: list[str]) -> None:
     )
 
 
-async def _park(conn: asyncpg.Connection[Any], ids: list[str]) -> None:
+async def _park(conn: Conn, ids: list[str]) -> None:
     await park_deliveries(conn, ids, [datetime.now(UTC)] * len(ids))
 
 
-async def _end(conn: asyncpg.Connection[Any], ids: list[str]) -> None:
+async def _end(conn: Conn, ids: list[str]) -> None:
     await end_deliveries(conn, ids, error="gone")
 
 
-async def _retake(conn: asyncpg.Connection[Any], ids: list[str]) -> None:
+async def _retake(conn: Conn, ids: list[str]) -> None:
     await retake_due(conn, "wrk_plan", ids, lease=15.0)
 
 
@@ -77,17 +76,17 @@ async def test_updates_by_id_use_the_primary_key(
     assert "deliveries_due" not in plan, plan
 
 
-async def _release_lapsed(conn: asyncpg.Connection[Any]) -> None:
+async def _release_lapsed(conn: Conn) -> None:
     await release_lapsed(conn, "wrk_plan", lease=15.0)
 
 
-async def _own_stale(conn: asyncpg.Connection[Any]) -> None:
+async def _own_stale(conn: Conn) -> None:
     await own_stale(conn, "wrk_plan", overdue=15.0)
 
 
 @pytest.mark.parametrize("statement", [_release_lapsed, _own_stale])
 async def test_the_heartbeats_scans_of_claims_read_only_claimed_deliveries(
-    pool: asyncpg.Pool[Any], statement: Callable[[asyncpg.Connection[Any]], Awaitable[None]]
+    pool: asyncpg.Pool[Any], statement: Callable[[Conn], Awaitable[None]]
 ) -> None:
     # A dead endpoint's backlog: pending, waiting for later retries, claimed by nobody. Every
     # beat of every worker read all of it before (a sequential scan: 120 to 530 ms a million).

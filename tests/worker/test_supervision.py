@@ -33,10 +33,16 @@ async def _one_message(amqp_url: str) -> tuple[aiormq.abc.AbstractConnection, De
     """A connection and a message delivered on it, not yet acked."""
     connection = await aiormq.connect(amqp_url)
     channel = await connection.channel()
-    queue = await channel.queue_declare("", exclusive=True)
-    await channel.basic_publish(b"{}", routing_key=queue.queue)
+    declared = await channel.queue_declare("", exclusive=True)
+    queue = declared.queue
+    assert queue is not None
+    await channel.basic_publish(b"{}", routing_key=queue)
     delivered: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
-    await channel.basic_consume(queue.queue, delivered.set_result)
+
+    async def on_message(message: DeliveredMessage) -> None:
+        delivered.set_result(message)
+
+    await channel.basic_consume(queue, on_message)
     return connection, await delivered
 
 
@@ -123,7 +129,7 @@ async def test_an_endpoint_pump_that_fails_starts_again_and_strands_nothing(
     real_cap = dispatcher._cap
     events = [make_event(account) for _ in range(5)]
     last = dlv(webhook_id, account, events[-1])
-    failures = []
+    failures: list[str] = []
 
     def cap_failing_once(ep: Any) -> int:
         # A bug in the pump's path, once, when the last job is queued: no job comes after it.
