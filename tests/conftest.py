@@ -6,6 +6,7 @@ and vhost so parallel runs never see each other's rows or messages.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import ssl
@@ -53,6 +54,10 @@ async def database_url() -> AsyncIterator[str]:
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     await migrate(url)
     yield url
+    await drop_database(name)
+
+
+async def drop_database(name: str) -> None:
     admin = await asyncpg.connect(PG_ADMIN)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -64,14 +69,22 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
+@contextlib.contextmanager
+def fresh_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ vhost `name` guest may use, deleted at the end; yields its AMQP URL."""
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
     """A fresh RabbitMQ vhost for this test session, deleted at the end."""
-    vhost = f"cargolint_test_{random_token(10)}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    _rabbitmqctl("delete_vhost", vhost)
+    with fresh_vhost(f"cargolint_test_{random_token(10)}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

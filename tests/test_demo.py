@@ -11,42 +11,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
-
 from engine.core.ids import random_token
-from tests.conftest import PG_ADMIN
+from tests.conftest import drop_database, fresh_vhost
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 async def test_the_demo_delivers_every_event_and_verifies_each_signature() -> None:
     name = f"cargolint_demo_{random_token(10)}"
-    _rabbitmqctl("add_vhost", name)
-    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARGOLINT_")}
     env["CARGOLINT_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    env["CARGOLINT_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{name}"
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "engine", "demo"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        with fresh_vhost(name) as amqp_url:
+            env["CARGOLINT_AMQP_URL"] = amqp_url
+            result = subprocess.run(
+                [sys.executable, "-m", "engine", "demo"],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
     finally:
-        _rabbitmqctl("delete_vhost", name)
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(name)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
     assert "demo finished: every delivery verified" in out
