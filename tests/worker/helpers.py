@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -189,6 +190,32 @@ async def eventually(
             if result:
                 return
             await asyncio.sleep(every)
+
+
+async def insert_pending(
+    pool: asyncpg.Pool[Any],
+    id_prefix: str,
+    count: int,
+    *,
+    webhook_id: str,
+    account_id: str,
+    due_in: timedelta = timedelta(0),
+    claimed_by: str | None = None,
+) -> None:
+    """`count` pending deliveries `<id_prefix>1` … of no stored event, due `due_in` from now:
+    rows for tests of what the store's statements read, made in one statement."""
+    await pool.execute(
+        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type,
+                                   next_attempt_at, claimed_by)
+           SELECT $1 || g, $2, $3, 'evt_' || g, 't', now() + $5::interval, $6
+           FROM generate_series(1, $4::int) g""",
+        id_prefix,
+        webhook_id,
+        account_id,
+        count,
+        due_in,
+        claimed_by,
+    )
 
 
 async def statuses(pool: asyncpg.Pool[Any], ids: Iterable[str]) -> dict[str, asyncpg.Record]:

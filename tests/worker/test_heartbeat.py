@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
 from engine.store.queue import release_lapsed
 from tests.worker.conftest import StartWorker
-from tests.worker.helpers import eventually
+from tests.worker.helpers import eventually, insert_pending
 
 
 async def test_the_retries_gauges_count_the_backlog_from_the_first_beat(
@@ -17,13 +18,13 @@ async def test_the_retries_gauges_count_the_backlog_from_the_first_beat(
 ) -> None:
     tag = secrets.token_hex(4)
     # Waiting an hour: nothing this test runs can claim them or make them due.
-    await pool.execute(
-        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type,
-                                   next_attempt_at)
-           SELECT 'dlv_gauge_' || $1 || g, 'wh_gauge', 'acct_gauge', 'evt_' || g, 't',
-                  now() + interval '1 hour'
-           FROM generate_series(1, 3000) g""",
-        tag,
+    await insert_pending(
+        pool,
+        f"dlv_gauge_{tag}",
+        3000,
+        webhook_id="wh_gauge",
+        account_id="acct_gauge",
+        due_in=timedelta(hours=1),
     )
     # What else waits that long (earlier tests' rows) counts too; nearer retries may or may not.
     far = await pool.fetchval(

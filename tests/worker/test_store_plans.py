@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -21,6 +21,7 @@ from engine.store.queue import (
     release_lapsed,
     retake_due,
 )
+from tests.worker.helpers import insert_pending
 
 Statement: TypeAlias = Callable[[Conn, list[str]], Awaitable[object]]
 
@@ -51,12 +52,8 @@ async def test_updates_by_id_use_the_primary_key(
 ) -> None:
     tag = secrets.token_hex(4)
     # Ended deliveries, each first inserted pending: dead entries in the pending-only indexes.
-    await pool.execute(
-        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type,
-                                   next_attempt_at, claimed_by)
-           SELECT 'dlv_plan_' || $1 || g, 'wh_plan', 'acct_plan', 'evt_' || g, 't', now(), 'w'
-           FROM generate_series(1, 5000) g""",
-        tag,
+    await insert_pending(
+        pool, f"dlv_plan_{tag}", 5000, webhook_id="wh_plan", account_id="acct_plan", claimed_by="w"
     )
     await pool.execute(
         "UPDATE deliveries SET status = 'succeeded' WHERE id LIKE 'dlv_plan_' || $1 || '%'", tag
@@ -91,13 +88,13 @@ async def test_the_heartbeats_scans_of_claims_read_only_claimed_deliveries(
     # A dead endpoint's backlog: pending, waiting for later retries, claimed by nobody. Every
     # beat of every worker read all of it before (a sequential scan: 120 to 530 ms a million).
     tag = secrets.token_hex(4)
-    await pool.execute(
-        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type,
-                                   next_attempt_at)
-           SELECT 'dlv_backlog_' || $1 || g, 'wh_dead', 'acct_plan', 'evt_' || g, 't',
-                  now() + interval '1 hour'
-           FROM generate_series(1, 20000) g""",
-        tag,
+    await insert_pending(
+        pool,
+        f"dlv_backlog_{tag}",
+        20000,
+        webhook_id="wh_dead",
+        account_id="acct_plan",
+        due_in=timedelta(hours=1),
     )
     await pool.execute("ANALYZE deliveries")
     queries: list[tuple[str, Any]] = []
