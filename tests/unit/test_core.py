@@ -231,6 +231,20 @@ def test_delivery_id_is_deterministic_and_distinct() -> None:
     assert len(a) == 28
 
 
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        (("wh_1", "acct_1", "evt_1"), "dlv_p95rja95fxzvizeyn88fis2a"),
+        (("wh_k3j2", "acct_9", "evt_2026-11-28"), "dlv_czopbqcga4zexcwjnuwad1ab"),
+    ],
+)
+def test_delivery_ids_stay_what_earlier_versions_made(
+    ids: tuple[str, str, str], expected: str
+) -> None:
+    # A message redelivered across an upgrade must map onto the rows it already made.
+    assert delivery_id(*ids) == expected
+
+
 def test_new_id_shape() -> None:
     ident = new_id("wh")
     assert ident.startswith("wh_")
