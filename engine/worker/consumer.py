@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -204,7 +205,12 @@ class Consumer:
         if amqp is self._consuming_on:
             return
         amqp.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        ok = await amqp.basic_consume(QUEUE, self._on_message)
+        # Messages reach `_take_message` from the channel's reading loop, in delivery order,
+        # with no task per message (engine.worker.amqp_frames); registered before consuming,
+        # so no message takes aiormq's own path past it.
+        tag = f"ctag{amqp.number}.{uuid.uuid4().hex}"
+        amqp_frames.consume_inline(amqp, tag, self._take_message)
+        ok = await amqp.basic_consume(QUEUE, self._on_message, consumer_tag=tag)
         self._consuming_on = amqp
         self._consumer_tag = ok.consumer_tag
 
@@ -245,9 +251,13 @@ class Consumer:
         if not self._stopping:
             log.warning("connection to RabbitMQ lost; reconnecting")
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
+    def _take_message(self, message: DeliveredMessage) -> None:
         self._buffer.append(message)
         self._arrived.set()
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        # aiormq's path, should a message ever take it: the same buffer.
+        self._take_message(message)
 
     def _on_ack_timer(self) -> None:
         self._ack_timer = None

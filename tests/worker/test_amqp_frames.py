@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
+import aiormq.channel
 import aiormq.connection
 import pamqp.frame
 import pytest
@@ -18,7 +19,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from engine.worker import amqp_frames
-from engine.worker.amqp_frames import BufferedFrameReceiver
+from engine.worker.amqp_frames import BufferedFrameReceiver, Delivery
 
 
 def _deliver(tag: int, *, redelivered: bool = False, key: str = "document.uploaded") -> Any:
@@ -65,13 +66,44 @@ def _message(tag: int, body: bytes, *, channel: int = 1, frame_max: int = 4096) 
     return frames + [pamqp.frame.marshal(ContentBody(piece), channel) for piece in pieces]
 
 
+def _plain(frame: Any) -> Any:
+    """A Delivery as pamqp's own Basic.Deliver, the content it carries left out."""
+    if not isinstance(frame, Delivery):
+        return frame
+    plain = commands.Basic.Deliver.__new__(commands.Basic.Deliver)
+    for name in ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key"):
+        setattr(plain, name, getattr(frame, name))
+    return plain
+
+
 def _same(a: Any, b: Any) -> bool:
+    a, b = _plain(a), _plain(b)
     return type(a) is type(b) and vars(a) == vars(b)
 
 
-async def _receive(stream: bytes, chunks: list[int]) -> tuple[list[Any], BaseException | None]:
+def _unjoin(got: list[Any]) -> list[Any]:
+    """The frames as the broker sent them: a joined Delivery as its method, header and body."""
+    frames: list[Any] = []
+    for weight, channel, frame in got:
+        if isinstance(frame, Delivery) and frame.header is not None:
+            header_weight = len(pamqp.frame.marshal(frame.header, channel))
+            content: list[tuple[int, int, Any]] = [(header_weight, channel, frame.header)]
+            if frame.header.body_size:
+                body = ContentBody(frame.body)
+                content.append((len(pamqp.frame.marshal(body, channel)), channel, body))
+            rest = weight - sum(w for w, _, _ in content)
+            frames += [(rest, channel, _plain(frame)), *content]
+        else:
+            frames.append((weight, channel, frame))
+    return frames
+
+
+async def _receive(
+    stream: bytes, chunks: list[int], *, joined: bool = False
+) -> tuple[list[Any], BaseException | None]:
     """Feed `stream` in pieces of the given sizes while the reader reads, then end the stream
-    (with no pieces: all of it and its end before reading); collect what the reader yields."""
+    (with no pieces: all of it and its end before reading); collect what the reader yields,
+    joined deliveries taken apart again unless `joined`."""
     reader = asyncio.StreamReader()
     receiver = BufferedFrameReceiver(reader)
     got: list[Any] = []
@@ -99,7 +131,7 @@ async def _receive(stream: bytes, chunks: list[int]) -> tuple[list[Any], BaseExc
     except Exception as exc:  # the test looks at which
         error = exc
     await feeder
-    return got, error
+    return (got if joined else _unjoin(got)), error
 
 
 async def test_frames_decode_as_pamqp_does_whatever_the_chunking() -> None:
@@ -154,6 +186,34 @@ async def test_a_message_with_simple_properties_is_decoded_without_pamqp(
     assert error is None
     assert [(w, c) for w, c, _ in got] == [(w, c) for w, c, _ in expected]
     assert all(_same(f, e) for (_, _, f), (_, _, e) in zip(got, expected, strict=True))
+
+
+async def test_a_message_read_whole_is_handed_on_as_one_delivery() -> None:
+    bodies = [b"x" * 1024, b"", b"y" * 9000, b"z"]  # the third over frame_max: three body frames
+    stream = b"".join(frame for n, body in enumerate(bodies) for frame in _message(n + 1, body))
+    got, error = await _receive(stream, [], joined=True)
+    assert error is None
+    kinds = [type(f).__name__ for _, _, f in got]
+    assert kinds == ["Delivery", "Delivery", "Delivery", "ContentHeader"] + ["ContentBody"] * 3 + [
+        "Delivery"
+    ]
+    whole = [f for _, _, f in got if isinstance(f, Delivery) and f.header is not None]
+    assert [(f.delivery_tag, f.body) for f in whole] == [(1, bodies[0]), (2, b""), (4, b"z")]
+    assert all(f.header is not None and f.header.body_size == len(f.body) for f in whole)
+    assert sum(w for w, _, _ in got) == len(stream)
+
+
+async def test_a_message_cut_by_a_read_goes_on_frame_by_frame() -> None:
+    first, second = _message(1, b"a" * 100), _message(2, b"b" * 100)
+    stream = b"".join(first + second)
+    # The first read ends inside the first message's body frame.
+    got, error = await _receive(stream, [len(b"".join(first)) - 3], joined=True)
+    assert isinstance(error, AMQPConnectionError)  # (the end of the test's stream)
+    frames = [f for _, _, f in got]
+    assert isinstance(frames[0], Delivery) and frames[0].header is None
+    assert isinstance(frames[1], ContentHeader) and isinstance(frames[2], ContentBody)
+    assert isinstance(frames[3], Delivery) and frames[3].body == b"b" * 100
+    assert len(frames) == 4
 
 
 async def test_broken_streams_raise_aiormqs_errors() -> None:
@@ -222,3 +282,45 @@ async def test_installed_it_carries_a_real_connection(
     finally:
         await connection.close()
     assert reads > 0
+
+
+async def test_an_inline_consumer_gets_every_message_in_order_without_a_task_each(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    monkeypatch.setattr(
+        aiormq.channel.Channel, "_on_deliver_frame", aiormq.channel.Channel._on_deliver_frame
+    )
+    amqp_frames.install()
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.queue_declare(exclusive=True, auto_delete=True)
+        queue = declared.queue
+        assert queue is not None
+        # Whole ones, an empty one, some over frame_max (their content read frame by frame).
+        bodies = [bytes([n % 256]) * ((n * 4099) % 300_000) for n in range(200)]
+        for body in bodies:
+            await channel.basic_publish(body, routing_key=queue)
+        inline: list[tuple[int, bytes]] = []
+        tasks: list[bytes] = []
+        done = asyncio.Event()
+
+        def take(message: aiormq.abc.DeliveredMessage) -> None:
+            assert message.delivery_tag is not None
+            inline.append((message.delivery_tag, message.body))
+            if len(inline) == len(bodies):
+                done.set()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            tasks.append(message.body)
+
+        amqp_frames.consume_inline(channel, "ctag-inline", take)
+        await channel.basic_consume(queue, on_message, consumer_tag="ctag-inline")
+        await asyncio.wait_for(done.wait(), 20)
+        await channel.basic_ack(inline[-1][0], multiple=True)
+        assert [body for _, body in inline] == bodies
+        assert [tag for tag, _ in inline] == list(range(1, len(bodies) + 1))
+        assert tasks == []
+    finally:
+        await connection.close()

@@ -10,10 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 
 from engine.core.breaker import FAILING_RATE, MIN_PARK, TRIP
 from engine.settings import Settings
+from engine.worker import consumer
 from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
@@ -282,18 +284,22 @@ async def test_with_time_to_spare_a_failing_endpoint_is_held_to_its_rate(
 
 async def test_the_worker_is_behind_while_its_consumer_has_a_backlog(
     *,
+    monkeypatch: pytest.MonkeyPatch,
     start_worker: Callable[..., Any],
     make_receiver: Callable[..., Any],
     publisher: Publisher,
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
+    # Behind after a tenth of a second of backlog, not half a second: the consumer took a
+    # backlog of 2,000 in 0.27 s here, all of it before it could count as behind.
+    monkeypatch.setattr(consumer, "BEHIND_AFTER", 0.1)
     first = await start_worker()
     receiver = await make_receiver()
     account, webhook_id, _ = await subscribed(first, pool, wsettings, receiver.url)
     await first.stop(grace=0.5)
     # A backlog: published while no worker consumes, taken in one go by the next one.
-    ids = await _publish(publisher, account, webhook_id, 2000)
+    ids = await _publish(publisher, account, webhook_id, 5000)
     worker = await start_worker()
     await eventually(worker.consumer.behind, timeout=10, every=0.005)
     rows = await wait_final(pool, ids, timeout=30)
