@@ -22,10 +22,8 @@ from engine.store.migrate import migrate
 
 __all__ = ["PG_ADMIN", "Certificates", "certificates", "database", "vhost"]
 
-import os
-_PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/")
-PG_ADMIN = _PG + "postgres"
-PG_BASE = _PG
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/"
 AMQP_BASE = "amqp://guest:guest@127.0.0.1:5672/"
 
 

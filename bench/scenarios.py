@@ -445,7 +445,7 @@ async def isolation(b: Bench) -> None:
         drained = await _drain(b, "isolation", healthy, expected, worker)
         rps = b.tally("isolation", *drained, meter) if drained else None  # CPU: per healthy
         await _failing_work(b, "isolation", worker)
-        if b.last_round and not os.environ.get("BENCH_NO_PACED"):  # the paced phase once, after the last bulk round, in its worker
+        if b.last_round:  # the paced phase once, after the last bulk round, in its worker
             stats = await _paced(b, worker, "isolation_paced", accounts, healthy_accounts)
             await _worker_split(b, "isolation", worker)
             b.results.extra["isolation_worker_rss_mb"] = round(worker.rss_mb(), 1)
