@@ -89,3 +89,48 @@ async def test_two_workers_on_one_queue_deliver_everything_once(
     assert max(received.values()) == 1  # none twice
     consumed = [w.metrics.events_consumed.labels("accepted")._value.get() for w in (first, second)]
     assert all(n > 0 for n in consumed), consumed  # both took a share
+
+
+async def test_the_global_bound_holds_and_endpoints_take_turns_for_its_slots(
+    start_worker: Callable[..., Any],
+    make_receiver: Callable[..., Any],
+    publisher: Publisher,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # Eight endpoints that could take 32 slots between them, and six slots: the bound holds,
+    # and the endpoints waiting for a slot are served in turn, not one after another.
+    worker = await start_worker(endpoint_concurrency=4, max_in_flight=6)
+    in_flight = 0
+    most = 0
+    arrivals: list[int] = []
+
+    def slow(index: int) -> Callable[[web.Request, bytes], Any]:
+        async def answer(_: web.Request, __: bytes) -> web.Response:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            arrivals.append(index)
+            try:
+                await asyncio.sleep(0.02)
+            finally:
+                in_flight -= 1
+            return web.Response()
+
+        return answer
+
+    receivers = [await make_receiver() for _ in range(8)]
+    for index, receiver in enumerate(receivers):
+        receiver.handler = slow(index)
+    account = await make_account(pool)
+    hooks = [(await make_webhook(pool, wsettings, account, r.url))[0] for r in receivers]
+    await cached(worker, *hooks)
+    events = [make_event(account) for _ in range(40)]
+    await publisher.publish_many(events)
+    ids = [dlv(hook, account, e) for hook in hooks for e in events]
+    rows = await wait_final(pool, ids, timeout=60)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    assert 1 < most <= 6, most
+    # Nobody waits for the others to finish: every endpoint is served early on.
+    assert set(arrivals[:48]) == set(range(8)), Counter(arrivals[:48])
+    assert worker.dispatcher.in_flight == 0
