@@ -284,10 +284,11 @@ async def _on_deliver_frame(self: Any, frame: Any) -> None:
     """aiormq's `Channel._on_deliver_frame`, but a whole `Delivery` needs no more frames and
     an inline consumer is called directly rather than in a task of its own."""
     handler = _inline.get(self, {}).get(frame.consumer_tag)
-    if handler is None and not (isinstance(frame, Delivery) and frame.header is not None):
+    whole = isinstance(frame, Delivery) and frame.header is not None
+    if handler is None and not whole:
         await _aiormq_on_deliver_frame(self, frame)  # a Deliver as aiormq handles it
         return
-    if isinstance(frame, Delivery) and frame.header is not None:
+    if whole:
         message = DeliveredMessage(
             delivery=frame, header=frame.header, body=frame.body, channel=self
         )

@@ -241,6 +241,16 @@ async def test_broken_streams_raise_aiormqs_errors() -> None:
     assert [type(f) for _, _, f in got] == [Heartbeat]
 
 
+async def _queue_of(channel: Any, bodies: list[bytes]) -> str:
+    """A throwaway queue on the real broker holding `bodies`, in order."""
+    declared = await channel.queue_declare(exclusive=True, auto_delete=True)
+    queue = declared.queue
+    assert queue is not None
+    for body in bodies:
+        await channel.basic_publish(body, routing_key=queue)
+    return str(queue)
+
+
 async def test_installed_it_carries_a_real_connection(
     amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,12 +270,8 @@ async def test_installed_it_carries_a_real_connection(
     connection = await aiormq.connect(amqp_url)
     try:
         channel = await connection.channel()
-        declared = await channel.queue_declare(exclusive=True, auto_delete=True)
-        queue = declared.queue
-        assert queue is not None
         bodies = [bytes([n]) * (n * 1000) for n in range(1, 30)]  # some over frame_max
-        for body in bodies:
-            await channel.basic_publish(body, routing_key=queue)
+        queue = await _queue_of(channel, bodies)
         received: list[bytes] = []
         done = asyncio.Event()
 
@@ -295,13 +301,9 @@ async def test_an_inline_consumer_gets_every_message_in_order_without_a_task_eac
     connection = await aiormq.connect(amqp_url)
     try:
         channel = await connection.channel()
-        declared = await channel.queue_declare(exclusive=True, auto_delete=True)
-        queue = declared.queue
-        assert queue is not None
         # Whole ones, an empty one, some over frame_max (their content read frame by frame).
         bodies = [bytes([n % 256]) * ((n * 4099) % 300_000) for n in range(200)]
-        for body in bodies:
-            await channel.basic_publish(body, routing_key=queue)
+        queue = await _queue_of(channel, bodies)
         inline: list[tuple[int, bytes]] = []
         tasks: list[bytes] = []
         done = asyncio.Event()

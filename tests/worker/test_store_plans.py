@@ -47,6 +47,19 @@ async def _retake(conn: Conn, ids: list[str]) -> None:
     await retake_due(conn, "wrk_plan", ids, lease=15.0)
 
 
+async def _plan(
+    pool: asyncpg.Pool[Any], run: Callable[[Conn], Awaitable[object]], sent: str
+) -> str:
+    """Run a statement of the store, then EXPLAIN the first query it sent containing `sent`."""
+    queries: list[tuple[str, Any]] = []
+    async with pool.acquire() as conn:
+        conn.add_query_logger(lambda q: queries.append((q.query, q.args)))
+        await run(conn)
+        await asyncio.sleep(0)  # query loggers are called soon after, not during
+        (query, args) = next(q for q in queries if sent in q[0])
+        return "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, *args))
+
+
 @pytest.mark.parametrize("statement", [_record, _park, _end, _retake])
 async def test_updates_by_id_use_the_primary_key(
     pool: asyncpg.Pool[Any], statement: Statement
@@ -62,13 +75,7 @@ async def test_updates_by_id_use_the_primary_key(
     await pool.execute("ANALYZE deliveries")
     ids = [f"dlv_plan_{tag}{g}" for g in range(1, 21)]
 
-    queries: list[tuple[str, Any]] = []
-    async with pool.acquire() as conn:
-        conn.add_query_logger(lambda q: queries.append((q.query, q.args)))
-        await statement(conn, ids)
-        await asyncio.sleep(0)  # query loggers are called soon after, not during
-        (query, args) = next(q for q in queries if "UPDATE deliveries" in q[0])
-        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, *args))
+    plan = await _plan(pool, lambda conn: statement(conn, ids), "UPDATE deliveries")
     assert "deliveries_pkey" in plan, plan
     assert "deliveries_pending_by_webhook" not in plan, plan
     assert "deliveries_due" not in plan, plan
@@ -98,13 +105,7 @@ async def test_the_heartbeats_scans_of_claims_read_only_claimed_deliveries(
         due_in=timedelta(hours=1),
     )
     await pool.execute("ANALYZE deliveries")
-    queries: list[tuple[str, Any]] = []
-    async with pool.acquire() as conn:
-        conn.add_query_logger(lambda q: queries.append((q.query, q.args)))
-        await statement(conn)
-        await asyncio.sleep(0)
-        (query, args) = next(q for q in queries if "deliveries" in q[0])
-        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, *args))
+    plan = await _plan(pool, statement, "deliveries")
     assert "deliveries_claimed" in plan, plan
     assert "Seq Scan on deliveries" not in plan, plan
 
@@ -129,17 +130,11 @@ async def test_a_full_batch_is_expected_to_find_its_rows_after_an_analyze_saw_on
     )
     ids = [f"dlv_new_{tag}{g}" for g in range(1, 1001)]
 
-    queries: list[tuple[str, Any]] = []
-    async with pool.acquire() as conn:
-        conn.add_query_logger(lambda q: queries.append((q.query, q.args)))
-        await _record(conn, ids)
-        await asyncio.sleep(0)
-        (query, args) = next(q for q in queries if "UPDATE deliveries" in q[0])
-        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, *args))
-        ended = await conn.fetchval(
-            "SELECT count(*) FROM deliveries WHERE id = ANY($1::text[]) AND status = 'succeeded'",
-            ids,
-        )
+    plan = await _plan(pool, lambda conn: _record(conn, ids), "UPDATE deliveries")
+    ended = await pool.fetchval(
+        "SELECT count(*) FROM deliveries WHERE id = ANY($1::text[]) AND status = 'succeeded'",
+        ids,
+    )
     join = re.search(r"->  (?:Hash Join|Nested Loop|Merge Join)  \(.* rows=(\d+) ", plan)
     assert join is not None, plan
     assert int(join.group(1)) >= 500, plan
