@@ -1,7 +1,8 @@
 """Dispatching: per-endpoint queues with a rate and a concurrency cap, and a global bound.
 
 Every endpoint (scheme + host + port) has its own in-memory queue, token bucket and
-concurrency count, and a pump task that runs only while the queue has work. A job leaves its
+concurrency count, and no task of its own: the end of one of its attempts, a timer (for a token
+or a pause) or a global slot handed on in line order starts its next attempts. A job leaves its
 queue only when its endpoint has a token and a free slot and a global in-flight slot is free,
 so an endpoint that hangs or fails holds at most `endpoint_concurrency` slots — and, while slots
 are in demand, soon just one, as each failure halves its concurrency and each success adds one
@@ -73,13 +74,13 @@ class _Endpoint:
         "active",
         "breaker",
         "bucket",
+        "in_line",
         "key",
         "last_used",
         "limit",
         "parked",
-        "pump",
         "queue",
-        "slot_freed",
+        "timer",
     )
 
     def __init__(
@@ -91,8 +92,8 @@ class _Endpoint:
         self.limit = limit  # attempts it may have in flight now: see Dispatcher._adapt
         self.bucket = bucket
         self.breaker = breaker
-        self.slot_freed = asyncio.Event()
-        self.pump: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None  # set while it waits for a token or pause
+        self.in_line = False  # while it waits for a global slot (Dispatcher._line)
         self.last_used = now
         self.parked: set[str] = set()  # webhooks whose jobs it parked since it last succeeded
 
@@ -117,8 +118,11 @@ class Dispatcher:
         self._metrics = metrics
         self._clock = clock
         self._endpoints: dict[str, _Endpoint] = {}
-        self._global = asyncio.Semaphore(settings.max_in_flight)
         self._attempts: set[asyncio.Task[None]] = set()
+        self._running = 0  # attempts started and not yet ended (the tasks' set lags a little)
+        # Endpoints that could start an attempt but for a free global slot, in the order they
+        # asked: each freed slot goes to the first of them.
+        self._line: deque[_Endpoint] = deque()
         self._queued = 0
         self._stopping = False
         self._keys: dict[str, str] = {}  # url → endpoint key, so hot paths skip urlsplit
@@ -135,7 +139,7 @@ class Dispatcher:
         # Whether the worker is behind on its work (set by the worker: the consumer's backlog).
         self.behind: Callable[[], bool] = lambda: False
         # Read when scraped, not set per attempt.
-        metrics.in_flight.set_function(lambda: len(self._attempts))
+        metrics.in_flight.set_function(lambda: self._running)
         metrics.queued.set_function(lambda: self._queued)
         metrics.endpoints_failing.set_function(
             lambda: sum(1 for ep in self._endpoints.values() if ep.breaker.tripped)
@@ -147,11 +151,11 @@ class Dispatcher:
 
     @property
     def in_flight(self) -> int:
-        return len(self._attempts)
+        return self._running
 
     def room(self) -> int:
         """How many more jobs may be held in memory now."""
-        return max(0, self.capacity - self._queued - len(self._attempts))
+        return max(0, self.capacity - self._queued - self._running)
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="dispatcher-sweep")
@@ -201,11 +205,10 @@ class Dispatcher:
         endpoint.queue.append(job)
         endpoint.last_used = now
         self._queued += 1
-        self._start_pump(endpoint)
-
-    def _start_pump(self, ep: _Endpoint) -> None:
-        if ep.pump is None and ep.queue and not self._stopping:
-            ep.pump = asyncio.create_task(self._pump(ep), name=f"pump {ep.key}")
+        if len(endpoint.queue) == 1:
+            # A queue that had work is waiting already: for a slot of its own, a token or the
+            # end of a pause (a timer), or a global slot (the line); each of them starts it.
+            self._start(endpoint)
 
     def _full(self, ep: _Endpoint) -> bool:
         """Whether a failing endpoint holds all it may in memory (the rest is parked)."""
@@ -229,59 +232,85 @@ class Dispatcher:
                         held.append(webhook_id)
         return held
 
-    async def _pump(self, ep: _Endpoint) -> None:
-        """Start the endpoint's queued attempts as its limits and the global bound allow."""
-        waits = self._metrics.rate_limit_waits_by
+    def _start(self, ep: _Endpoint) -> None:
+        """Start the endpoint's queued attempts as far as its limits and the global bound allow.
+
+        Whatever stops it arranges for it to be called again: the end of one of the endpoint's
+        own attempts (its concurrency), a timer (its rate, a failing endpoint's pause), or a
+        place in the line for global slots. No task waits on an endpoint's behalf.
+        """
+        if ep.timer is not None or ep.in_line:
+            return
         try:
-            while ep.queue and not self._stopping:
-                job = ep.queue[0]
-                target = self._cache.get(job.webhook_id)
-                if target is None or self._key(target.url) != ep.key:
-                    ep.queue.popleft()
-                    self._queued -= 1
-                    if target is None:
-                        self._recorder.gone(job)
-                    else:  # the webhook's URL changed: it belongs to another endpoint now
-                        self._enqueue(self._key(target.url), job)
-                    continue
-                if ep.active >= self._cap(ep):
-                    waits("concurrency").inc()
-                    ep.slot_freed.clear()
-                    await ep.slot_freed.wait()
-                    continue
-                if ep.breaker.tripped:
-                    pause = ep.breaker.wait(self._clock(), behind=self.behind())
-                    if pause > 0:
-                        waits("failing").inc()
-                        await asyncio.sleep(pause)
-                        continue
-                wait = ep.bucket.try_take(self._clock())
-                if wait > 0:
-                    waits("rate").inc()
-                    await asyncio.sleep(wait)
-                    continue
-                if self._global.locked():
-                    waits("global").inc()
-                await self._global.acquire()
-                if self._stopping:
-                    self._global.release()
-                    break
-                # The webhook may have changed while we waited: `_attempt` looks it up again.
-                ep.queue.popleft()
-                self._queued -= 1
-                ep.active += 1
-                ep.last_used = self._clock()
-                ep.breaker.started(ep.last_used)
-                task = asyncio.create_task(self._attempt(ep, job))
-                self._attempts.add(task)
-                task.add_done_callback(self._attempts.discard)
+            self._start_queued(ep)
         except Exception:
             # A bug. The queued jobs must not be stranded until the endpoint's next job comes:
             # start again in a second (not at once: the same bug would spin).
-            log.exception("endpoint pump failed; restarting it", extra={"endpoint": ep.key})
-            asyncio.get_running_loop().call_later(1.0, self._start_pump, ep)
-        finally:
-            ep.pump = None
+            log.exception("starting an endpoint's attempts failed", extra={"endpoint": ep.key})
+            self._later(ep, 1.0)
+
+    def _start_queued(self, ep: _Endpoint) -> None:
+        waits = self._metrics.rate_limit_waits_by
+        while ep.queue and not self._stopping:
+            if ep.active >= self._cap(ep):
+                waits("concurrency").inc()
+                return
+            if self._running >= self._settings.max_in_flight:
+                waits("global").inc()
+                ep.in_line = True
+                self._line.append(ep)
+                return
+            job = ep.queue[0]
+            target = self._cache.get(job.webhook_id)
+            if target is None or self._key(target.url) != ep.key:
+                ep.queue.popleft()
+                self._queued -= 1
+                if target is None:
+                    self._recorder.gone(job)
+                else:  # the webhook's URL changed: it belongs to another endpoint now
+                    self._enqueue(self._key(target.url), job)
+                continue
+            now = self._clock()
+            if ep.breaker.tripped:
+                pause = ep.breaker.wait(now, behind=self.behind())
+                if pause > 0:
+                    waits("failing").inc()
+                    self._later(ep, pause)
+                    return
+            wait = ep.bucket.try_take(now)
+            if wait > 0:
+                waits("rate").inc()
+                self._later(ep, wait)
+                return
+            # The webhook may change before the attempt runs: `_attempt` looks it up again.
+            ep.queue.popleft()
+            self._queued -= 1
+            ep.active += 1
+            self._running += 1
+            ep.last_used = now
+            ep.breaker.started(now)
+            task = asyncio.create_task(self._attempt(ep, job))
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
+
+    def _later(self, ep: _Endpoint, delay: float) -> None:
+        ep.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, ep)
+
+    def _on_timer(self, ep: _Endpoint) -> None:
+        ep.timer = None
+        self._start(ep)
+
+    def _finished(self, ep: _Endpoint) -> None:
+        """An attempt ended: its global slot goes to the first endpoint in line, if any, and
+        the endpoint that made it may start its next one (behind the line if slots are short)."""
+        ep.active -= 1
+        self._running -= 1
+        line = self._line
+        while line and self._running < self._settings.max_in_flight:
+            first = line.popleft()
+            first.in_line = False
+            self._start(first)
+        self._start(ep)
 
     async def _attempt(self, ep: _Endpoint, job: Job) -> None:
         try:
@@ -315,9 +344,7 @@ class Dispatcher:
             if outcome.error_class != INTERNAL:  # our failure says nothing about the endpoint
                 self._adapt(ep, outcome.succeeded)
         finally:
-            ep.active -= 1
-            ep.slot_freed.set()
-            self._global.release()
+            self._finished(ep)
 
     def _cap(self, ep: _Endpoint) -> int:
         """How many attempts the endpoint may have in flight now.
@@ -326,7 +353,7 @@ class Dispatcher:
         they are not, a failing endpoint may use its configured concurrency: slots nobody else
         wants cost no one anything.
         """
-        if len(self._attempts) * 2 < self._settings.max_in_flight:
+        if self._running * 2 < self._settings.max_in_flight:
             return self._settings.endpoint_concurrency
         return ep.limit
 
@@ -361,12 +388,14 @@ class Dispatcher:
         """Start no more attempts; wait up to `grace` seconds for those under way, cancel the
         rest. Returns how many were cancelled; their deliveries stay pending in Postgres."""
         self._stopping = True
-        pumps = [ep.pump for ep in self._endpoints.values() if ep.pump is not None]
-        for pump in pumps:
-            pump.cancel()
+        for ep in self._endpoints.values():
+            if ep.timer is not None:
+                ep.timer.cancel()
+                ep.timer = None
+        self._line.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await asyncio.gather(*pumps, *(t for t in [self._sweeper] if t), return_exceptions=True)
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         cancelled = 0
         if self._attempts:
             _, late = await asyncio.wait(set(self._attempts), timeout=grace)

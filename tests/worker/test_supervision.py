@@ -1,6 +1,6 @@
 """A worker whose loop ends before it is stopped says so and exits 1, rather than living on idle;
-an ack or reject caught by its connection's close is not such an end; an endpoint's pump that
-fails starts again."""
+an ack or reject caught by its connection's close is not such an end; a bug while starting an
+endpoint's attempts is retried a second later."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def _task_named(name: str) -> asyncio.Task[Any] | None:
     return next((t for t in asyncio.all_tasks() if t.get_name() == name), None)
 
 
-async def test_an_endpoint_pump_that_fails_starts_again_and_strands_nothing(
+async def test_a_bug_starting_an_endpoints_attempts_is_retried_and_strands_nothing(
     *,
     start_worker: StartWorker,
     publisher: Publisher,
@@ -132,7 +132,8 @@ async def test_an_endpoint_pump_that_fails_starts_again_and_strands_nothing(
     failures: list[str] = []
 
     def cap_failing_once(ep: Any) -> int:
-        # A bug in the pump's path, once, when the last job is queued: no job comes after it.
+        # A bug where attempts are started, once, when the last job is queued: no job comes
+        # after it.
         if not failures and any(job.delivery_id == last for job in ep.queue):
             failures.append(ep.key)
             raise RuntimeError("a bug")
@@ -144,4 +145,4 @@ async def test_an_endpoint_pump_that_fails_starts_again_and_strands_nothing(
     rows = await wait_final(pool, [dlv(webhook_id, account, e) for e in events], timeout=15)
     assert {r["status"] for r in rows.values()} == {"succeeded"}
     assert failures
-    assert "endpoint pump failed; restarting it" in caplog.text
+    assert "starting an endpoint's attempts failed" in caplog.text
