@@ -25,6 +25,8 @@ import asyncpg
 from bench.data import (
     SECRET_KEY,
     Webhook,
+    checkpoint,
+    checkpoints_started,
     counts,
     insert_webhooks,
     settle,
@@ -207,10 +209,12 @@ class Bench:
         self.results.extra[f"{name}_cpu_us_per_item"] = _us_per_item(meter.used(), items)
 
     async def after_worker(self) -> None:
-        """Between scenarios: nothing left queued, nothing left to retry, no dead rows."""
+        """Between scenarios: nothing left queued, nothing left to retry, no dead rows, no
+        dirty pages."""
         await self.publisher.purge()
         await settle(self.pool)
         await vacuum(self.pool)
+        await checkpoint(self.pool)
 
     @property
     def figures(self) -> dict[str, float | None]:
@@ -341,12 +345,14 @@ async def _paced(
     count = max(50, int(rate * b.sizes.latency_seconds))
     events = [(f"evt_{name}_{i}", accounts[i % len(accounts)]) for i in range(count)]
     meter = b.cpu_meter(worker)
+    checkpoints = await checkpoints_started(b.pool)
     achieved = await b.publisher.paced(events, rate)
     b.results.extra[f"{name}_rate"] = round(rate, 1)
     b.results.extra[f"{name}_achieved_rate"] = round(achieved, 1)
     want = sum(1 for _, a in events if a in healthy)
     await b.receiver.wait_ok(want, b.sizes.wait)
     b.record_cpu(name, meter, count)
+    b.results.extra[f"{name}_checkpoints"] = await checkpoints_started(b.pool) - checkpoints
     stats = await b.receiver.stats()
     b.results.extra[f"{name}_tls_connections"] = stats["connections"]
     b.results.extra[f"{name}_tail_by_second"] = stats["tail"]
