@@ -43,12 +43,17 @@ _RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, res
 
 @dataclass(frozen=True, slots=True)
 class NewDelivery:
-    """A delivery to create: the (event, webhook) pair and its deterministic id."""
+    """A delivery to create: the (event, webhook) pair and its deterministic id.
+
+    `park_for` > 0: created unclaimed, first due that many seconds from now (a failing
+    endpoint's backlog beyond what its worker holds in memory, see `Dispatcher.parking`).
+    """
 
     id: str
     webhook_id: str
     event: Event
     is_test: bool = False
+    park_for: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +86,13 @@ _INSERT_EVENTS_AND_DELIVERIES = f"""WITH ev AS ({_INSERT_EVENTS})
                             next_attempt_at, claimed_by)
     SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
            -- a test delivery is attempted once, by the API: never due for a worker
-           CASE WHEN d.is_test THEN NULL ELSE now() END, $13
-    FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[])
-         AS d(id, webhook_id, account_id, event_id, event_type, is_test)
+           CASE WHEN d.is_test THEN NULL
+                WHEN d.park_for > 0 THEN now() + d.park_for * interval '1 second'
+                ELSE now() END,
+           CASE WHEN d.park_for > 0 THEN NULL ELSE $13 END
+    FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[],
+                $14::float8[])
+         AS d(id, webhook_id, account_id, event_id, event_type, is_test, park_for)
     ON CONFLICT (id) DO NOTHING
     RETURNING id"""
 
@@ -122,6 +131,7 @@ async def insert_events_and_deliveries(
         [d.event.type for d in deliveries],
         [d.is_test for d in deliveries],
         claimed_by,
+        [d.park_for for d in deliveries],
     )
     return {r["id"] for r in rows}
 

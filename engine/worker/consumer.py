@@ -36,6 +36,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import aio_pika
@@ -342,6 +343,11 @@ class Consumer:
                 matched.setdefault((event.account_id, event.id), event)
         # With no room in memory the deliveries stay unclaimed: the poller takes them later.
         hold = self._dispatcher.room() >= len(deliveries)
+        parked: dict[str, float] = {}
+        if hold:
+            parked = self._dispatcher.parking((d.id, d.webhook_id) for d in deliveries.values())
+            for dlv, seconds in parked.items():
+                deliveries[dlv] = replace(deliveries[dlv], park_for=seconds)
         new_ids: set[str] = set()
         retaken: dict[str, int] = {}
         refused: dict[tuple[str, str], InvalidEventError] = {}
@@ -370,11 +376,13 @@ class Consumer:
             self._metrics.events_consumed_by("dead_lettered").inc(len(invalid) + len(rejected))
         for dlv in new_ids:
             self._metrics.deliveries_created_by(deliveries[dlv].event.type).inc()
+        if parked:
+            self._metrics.deliveries_parked.inc(sum(1 for dlv in parked if dlv in new_ids))
         if hold and (new_ids or retaken):
             self._dispatcher.submit(
                 Job(d.id, d.webhook_id, d.event, 1, now)
                 for d in deliveries.values()
-                if d.id in new_ids
+                if d.id in new_ids and d.id not in parked
             )
             self._dispatcher.submit(
                 Job(d.id, d.webhook_id, d.event, retaken[d.id] + 1)

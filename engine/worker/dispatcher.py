@@ -232,6 +232,23 @@ class Dispatcher:
                         held.append(webhook_id)
         return held
 
+    def parking(self, deliveries: Iterable[tuple[str, str]]) -> dict[str, float]:
+        """Of these (delivery id, webhook id) pairs about to be created, those to create parked,
+        with the seconds each waits in Postgres.
+
+        Their endpoint is failing and holds all it may in memory, so queued they would only be
+        parked again (`_enqueue`): an insert and an update each, where the insert can say it.
+        """
+        parks: dict[str, float] = {}
+        now = self._clock()
+        for delivery_id, webhook_id in deliveries:
+            target = self._cache.get(webhook_id)
+            endpoint = self._endpoints.get(self._key(target.url)) if target is not None else None
+            if endpoint is not None and self._full(endpoint):
+                parks[delivery_id] = endpoint.breaker.park_for(now, spread=random.random())
+                endpoint.parked.add(webhook_id)
+        return parks
+
     def _start(self, ep: _Endpoint) -> None:
         """Start the endpoint's queued attempts as far as its limits and the global bound allow.
 

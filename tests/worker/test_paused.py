@@ -182,6 +182,44 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     assert all(rows[r["id"]]["last_attempt_at"] >= r["next_attempt_at"] for r in parked)
 
 
+async def test_a_full_failing_endpoints_new_deliveries_are_created_parked(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    p = await _parking(start_worker, publisher, receiver, pool, wsettings)
+    assert p.worker.dispatcher.queued >= p.worker.dispatcher.hold_each  # its share is full
+    parked_before = _sample(p.worker, "deliveries_parked_total")
+    published_at = datetime.now(UTC)
+    account = await pool.fetchval("SELECT account_id FROM webhooks WHERE id = $1", p.webhook_id)
+    later = await _publish(publisher, account, p.webhook_id, 20)
+    await eventually(lambda: _sample(p.worker, "deliveries_parked_total") >= parked_before + 15)
+
+    # Parked by the statement that created them — one write each, not an insert and then an
+    # update: such a row was written by the transaction that wrote its event (same xmin).
+    created_parked = await pool.fetch(
+        """SELECT d.* FROM deliveries d
+           JOIN events e ON e.account_id = d.account_id AND e.id = d.event_id
+           WHERE d.id = ANY($1::text[]) AND d.claimed_by IS NULL AND d.xmin = e.xmin""",
+        later,
+    )
+    assert len(created_parked) >= 15
+    assert all(r["status"] == "pending" and r["attempts"] == 0 for r in created_parked)
+    assert all(
+        r["next_attempt_at"] >= published_at + timedelta(seconds=MIN_PARK - 0.5)
+        for r in created_parked
+    )
+
+    # Nothing is lost: healed, every delivery succeeds, the parked ones once they are due.
+    p.switch.heal()
+    rows = await wait_final(pool, p.first + p.more + later, timeout=2 * MIN_PARK + 15)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    assert all(rows[r["id"]]["last_attempt_at"] >= r["next_attempt_at"] for r in created_parked)
+
+
 async def test_the_poller_leaves_a_full_failing_endpoints_deliveries_in_postgres(
     *,
     start_worker: Callable[..., Any],
