@@ -199,8 +199,7 @@ class Dispatcher:
             breaker = Breaker(self._pause_cap)
             endpoint = self._endpoints[key] = _Endpoint(key, bucket, breaker, now, limit)
         elif self._full(endpoint):
-            self._recorder.park(job, endpoint.breaker.park_for(now, spread=random.random()))
-            endpoint.parked.add(job.webhook_id)
+            self._recorder.park(job, self._park(endpoint, job.webhook_id, now))
             return
         endpoint.queue.append(job)
         endpoint.last_used = now
@@ -245,9 +244,14 @@ class Dispatcher:
             target = self._cache.get(webhook_id)
             endpoint = self._endpoints.get(self._key(target.url)) if target is not None else None
             if endpoint is not None and self._full(endpoint):
-                parks[delivery_id] = endpoint.breaker.park_for(now, spread=random.random())
-                endpoint.parked.add(webhook_id)
+                parks[delivery_id] = self._park(endpoint, webhook_id, now)
         return parks
+
+    def _park(self, ep: _Endpoint, webhook_id: str, now: float) -> float:
+        """Seconds a job of this full failing endpoint waits in Postgres; its webhook is noted
+        as parked (`held_back`)."""
+        ep.parked.add(webhook_id)
+        return ep.breaker.park_for(now, spread=random.random())
 
     def _start(self, ep: _Endpoint) -> None:
         """Start the endpoint's queued attempts as far as its limits and the global bound allow.

@@ -118,6 +118,7 @@ class Parking:
 
     worker: Worker
     switch: Switch
+    account: str
     webhook_id: str
     first: list[str]  # deliveries published before it tripped
     more: list[str]  # published after, mostly parked
@@ -143,7 +144,7 @@ async def _parking(
     published_at = datetime.now(UTC)
     more = await _publish(publisher, account, webhook_id, 20)
     await eventually(lambda: _sample(worker, "deliveries_parked_total") >= 15)
-    return Parking(worker, switch, webhook_id, first, more, published_at)
+    return Parking(worker, switch, account, webhook_id, first, more, published_at)
 
 
 async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_in_postgres(
@@ -194,8 +195,7 @@ async def test_a_full_failing_endpoints_new_deliveries_are_created_parked(
     assert p.worker.dispatcher.queued >= p.worker.dispatcher.hold_each  # its share is full
     parked_before = _sample(p.worker, "deliveries_parked_total")
     published_at = datetime.now(UTC)
-    account = await pool.fetchval("SELECT account_id FROM webhooks WHERE id = $1", p.webhook_id)
-    later = await _publish(publisher, account, p.webhook_id, 20)
+    later = await _publish(publisher, p.account, p.webhook_id, 20)
     await eventually(lambda: _sample(p.worker, "deliveries_parked_total") >= parked_before + 15)
 
     # Parked by the statement that created them — one write each, not an insert and then an
