@@ -165,7 +165,7 @@ async def test_webhook(request: web.Request) -> web.Response:
     if target is None or (target.account_id, target.mode) != (who.account_id, who.mode):
         raise _not_found(webhook_id)
     # Opened before anything is recorded: a secret this API cannot open leaves no delivery.
-    secret = target.secret
+    secret, next_secret = target.signing_secrets(datetime.now(UTC))
 
     event_type = target.events[0]
     event = Event(
@@ -192,7 +192,13 @@ async def test_webhook(request: web.Request) -> web.Response:
         data=event.data,
         test=True,
     )
-    headers = request_headers(secret=secret, body=body, event_type=event_type, delivery_id=dlv_id)
+    headers = request_headers(
+        secret=secret,
+        body=body,
+        event_type=event_type,
+        delivery_id=dlv_id,
+        next_secret=next_secret,
+    )
     attempted_at = datetime.now(UTC)
     try:
         outcome = await request.app[SENDER].send(target.url, body, headers)

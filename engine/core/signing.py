@@ -26,13 +26,26 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
 
 
 def request_headers(
-    *, secret: str, body: bytes, event_type: str, delivery_id: str
+    *,
+    secret: str,
+    body: bytes,
+    event_type: str,
+    delivery_id: str,
+    next_secret: str | None = None,
 ) -> dict[str, str]:
-    """Every header of a webhook request."""
-    return {
+    """Every header of a webhook request.
+
+    During a secret rotation's overlap `secret` is the previous secret, so receivers that have
+    not switched keep verifying `X-CargoLint-Signature` unchanged, and `next_secret` (the new one)
+    signs `X-CargoLint-Signature-Next`.
+    """
+    headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         "X-CargoLint-Event": event_type,
         "X-CargoLint-Delivery": delivery_id,
         "X-CargoLint-Signature": sign(secret, body),
     }
+    if next_secret is not None:
+        headers["X-CargoLint-Signature-Next"] = sign(next_secret, body)
+    return headers

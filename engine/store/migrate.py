@@ -85,20 +85,25 @@ async def migrate(dsn: str, *, secret_keys: tuple[str, ...] = ()) -> list[str]:
 
 
 async def reseal_secrets(conn: asyncpg.Connection[Any], box: SecretBox) -> int:
-    """Encrypt plain-text secrets and re-encrypt old-key ones with the first key."""
+    """Encrypt plain-text secrets and re-encrypt old-key ones with the first key.
+
+    Both the current secret and the previous one a rotation keeps for its overlap.
+    """
     if not box.encrypting:
         return 0
     count = 0
     async with conn.transaction():
-        rows = await conn.fetch("SELECT id, secret FROM webhooks FOR UPDATE")
+        rows = await conn.fetch("SELECT id, secret, previous_secret FROM webhooks FOR UPDATE")
         for row in rows:
-            if box.needs_reseal(row["secret"]):
-                await conn.execute(
-                    "UPDATE webhooks SET secret = $2 WHERE id = $1",
-                    row["id"],
-                    box.reseal(row["secret"]),
-                )
-                count += 1
+            for column in ("secret", "previous_secret"):
+                sealed = row[column]
+                if sealed is not None and box.needs_reseal(sealed):
+                    await conn.execute(
+                        f"UPDATE webhooks SET {column} = $2 WHERE id = $1",
+                        row["id"],
+                        box.reseal(sealed),
+                    )
+                    count += 1
     if count:
         log.info("re-encrypted webhook secrets", extra={"count": count})
     return count

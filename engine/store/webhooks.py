@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -41,7 +42,9 @@ Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[An
 
 UPDATABLE = ("url", "events", "active", "description")
 _COLUMNS = "id, url, events, active, description, created_at, updated_at"
-_TARGET_COLUMNS = "id, account_id, mode, url, events, secret, active"
+_TARGET_COLUMNS = (
+    "id, account_id, mode, url, events, secret, active, previous_secret, previous_secret_expires_at"
+)
 
 
 class WebhookLimitError(Exception):
@@ -69,6 +72,9 @@ class WebhookTarget:
     sealed: str = field(repr=False)
     active: bool
     box: SecretBox = field(repr=False, compare=False)
+    # The secret a rotation replaced, and when it stops signing (None: no overlap).
+    previous_sealed: str | None = field(default=None, repr=False)
+    previous_expires_at: datetime | None = None
 
     @property
     def secret(self) -> str:
@@ -77,6 +83,22 @@ class WebhookTarget:
         Raises ValueError when the box lacks the key it was sealed with.
         """
         return self.box.open(self.sealed)
+
+    def signing_secrets(self, now: datetime) -> tuple[str, str | None]:
+        """The secrets for `X-CargoLint-Signature` and `X-CargoLint-Signature-Next` at `now`.
+
+        During a rotation's overlap the previous secret keeps signing the usual header and the
+        new one signs `-Next`; once the overlap ends the new secret signs the usual header alone.
+        Each attempt asks with its own clock, so the overlap ends on time on every worker.
+        Raises ValueError when the box lacks a key a secret was sealed with.
+        """
+        if (
+            self.previous_sealed is not None
+            and self.previous_expires_at is not None
+            and now < self.previous_expires_at
+        ):
+            return self.box.open(self.previous_sealed), self.secret
+        return self.secret, None
 
 
 def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str, Any]:
@@ -255,6 +277,8 @@ def _target(row: asyncpg.Record, box: SecretBox) -> WebhookTarget:
         sealed=row["secret"],
         active=row["active"],
         box=box,
+        previous_sealed=row["previous_secret"],
+        previous_expires_at=row["previous_secret_expires_at"],
     )
 
 

@@ -343,7 +343,7 @@ class Dispatcher:
                 self._metrics.event_lag.observe(asyncio.get_running_loop().time() - job.received_at)
             attempted_at = datetime.now(UTC)
             try:
-                secret = target.secret
+                secrets = target.signing_secrets(attempted_at)
             except ValueError as exc:
                 # Sealed with a key this worker lacks. Nothing is sent; the attempt fails and is
                 # retried on schedule, so a fixed key delivers it.
@@ -354,7 +354,7 @@ class Dispatcher:
                 outcome = Outcome(False, None, 0, INTERNAL, f"cannot open signing secret: {exc}")
             else:
                 try:
-                    outcome = await self._sender.send(target.url, *_request(job, target, secret))
+                    outcome = await self._sender.send(target.url, *_request(job, target, *secrets))
                 except Exception as exc:
                     # A bug of ours, not the receiver's fault. Recorded as a failed attempt, so
                     # the delivery follows its retry schedule instead of staying held here.
@@ -432,7 +432,9 @@ def _ids(job: Job) -> dict[str, str]:
     return {"delivery_id": job.delivery_id, "webhook_id": job.webhook_id}
 
 
-def _request(job: Job, target: WebhookTarget, secret: str) -> tuple[bytes, dict[str, str]]:
+def _request(
+    job: Job, target: WebhookTarget, secret: str, next_secret: str | None
+) -> tuple[bytes, dict[str, str]]:
     event = job.event
     body = build_body(
         event_type=event.type,
@@ -442,6 +444,10 @@ def _request(job: Job, target: WebhookTarget, secret: str) -> tuple[bytes, dict[
         data=event.data,
     )
     headers = request_headers(
-        secret=secret, body=body, event_type=event.type, delivery_id=job.delivery_id
+        secret=secret,
+        body=body,
+        event_type=event.type,
+        delivery_id=job.delivery_id,
+        next_secret=next_secret,
     )
     return body, headers

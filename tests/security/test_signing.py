@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from engine.core.crypto import hash_api_key, key_matches, new_api_key
+from engine.core.crypto import SecretBox, hash_api_key, key_matches, new_api_key
 from engine.core.signing import request_headers, sign, verify
+from engine.store.webhooks import WebhookTarget
 
 PROPERTY = settings(max_examples=200, deadline=None)
 
@@ -94,6 +97,55 @@ def test_headers_carry_the_signature_of_the_exact_body() -> None:
     assert headers["X-CargoLint-Signature"] == sign("whsec_test_x", body)
     assert headers["X-CargoLint-Delivery"] == "dlv_1"
     assert "whsec_test_x" not in repr(headers)
+
+
+def test_headers_during_a_rotation_sign_with_both_secrets() -> None:
+    body = b'{"event":"document.uploaded","data":{}}'
+    headers = request_headers(
+        secret="whsec_test_old",
+        body=body,
+        event_type="document.uploaded",
+        delivery_id="dlv_1",
+        next_secret="whsec_test_new",
+    )
+    assert contract_snippet("whsec_test_old", body.decode(), headers["X-CargoLint-Signature"])
+    assert contract_snippet("whsec_test_new", body.decode(), headers["X-CargoLint-Signature-Next"])
+    without = request_headers(
+        secret="whsec_test_new", body=body, event_type="document.uploaded", delivery_id="dlv_1"
+    )
+    assert "X-CargoLint-Signature-Next" not in without
+
+
+def _rotated(expires_at: datetime | None) -> WebhookTarget:
+    return WebhookTarget(
+        id="wh_1",
+        account_id="acct_1",
+        mode="test",
+        url="https://example.com/",
+        events=("document.uploaded",),
+        sealed="plain:whsec_test_new",
+        active=True,
+        box=SecretBox(()),
+        previous_sealed="plain:whsec_test_old" if expires_at else None,
+        previous_expires_at=expires_at,
+    )
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "expected"),
+    [
+        (None, ("whsec_test_new", None)),  # never rotated, or rotated with no overlap
+        (timedelta(seconds=1), ("whsec_test_old", "whsec_test_new")),  # in the overlap
+        (timedelta(0), ("whsec_test_new", None)),  # the overlap ends at its instant
+        (timedelta(seconds=-1), ("whsec_test_new", None)),  # and stays over
+    ],
+)
+def test_signing_secrets_follow_the_overlap(
+    expires_in: timedelta | None, expected: tuple[str, str | None]
+) -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    target = _rotated(None if expires_in is None else now + expires_in)
+    assert target.signing_secrets(now) == expected
 
 
 # ---------------------------------------------------------------- API keys
