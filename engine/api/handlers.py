@@ -14,7 +14,13 @@ from engine.api.auth import principal
 from engine.api.destination import check_destination
 from engine.api.errors import ApiError, bad_request
 from engine.api.state import BOX, POOL, SENDER, SETTINGS, TEST_WRITES
-from engine.api.validation import WEBHOOK_ID, parse_create, parse_page, parse_update
+from engine.api.validation import (
+    WEBHOOK_ID,
+    parse_create,
+    parse_delivery_filter,
+    parse_page,
+    parse_update,
+)
 from engine.core.events import Event
 from engine.core.ids import delivery_id, new_id
 from engine.core.payload import build_body, sample_data
@@ -259,14 +265,16 @@ async def list_webhook_deliveries(request: web.Request) -> web.Response:
     who = principal(request)
     webhook_id = _webhook_id(request)
     offset, limit = parse_page(request.query)
+    filters = parse_delivery_filter(request.query)
     async with request.app[POOL].acquire() as conn:
         found = await webhooks.get_webhook(
             conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
         )
         if found is None:
             raise _not_found(webhook_id)
-        rows = await deliveries.list_deliveries(conn, webhook_id, offset=offset, limit=limit)
-        total = await deliveries.count_deliveries(conn, webhook_id)
+        rows, total = await deliveries.list_deliveries(
+            conn, webhook_id, filters, offset=offset, limit=limit
+        )
     data = [deliveries.delivery_json(r) for r in rows]
     return _json({"data": data, "offset": offset, "limit": limit, "total": total})
 

@@ -16,6 +16,7 @@ from multidict import MultiMapping
 from engine.api.errors import ApiError, bad_request
 from engine.core.events import EVENT_TYPES
 from engine.core.urls import UrlError, check_url
+from engine.store.deliveries import DeliveryFilter
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -24,6 +25,7 @@ __all__ = [
     "WEBHOOK_ID",
     "WebhookInput",
     "parse_create",
+    "parse_delivery_filter",
     "parse_page",
     "parse_update",
 ]
@@ -33,6 +35,7 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 WEBHOOK_ID = re.compile(r"wh_[a-z0-9]{12,64}")  # use with fullmatch: `$` allows a final newline
 _FIELDS = ("url", "events", "active", "description")
+DELIVERY_STATUSES = ("pending", "succeeded", "failed")
 _INTEGER = re.compile(r"[0-9]{1,9}", re.ASCII)
 
 
@@ -159,3 +162,26 @@ def parse_page(query: MultiMapping[str]) -> tuple[int, int]:
     offset = _page_param(query, "offset", 0, 0, 10**9 - 1)
     limit = _page_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     return offset, limit
+
+
+def _choice(query: MultiMapping[str], name: str, allowed: tuple[str, ...]) -> str | None:
+    values = query.getall(name, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise bad_request("invalid_value", f"{name} must be given at most once", name)
+    if values[0] not in allowed:
+        raise bad_request(
+            "invalid_value",
+            f"{name} must be one of {', '.join(allowed)}, got {values[0][:40]!r}",
+            name,
+        )
+    return values[0]
+
+
+def parse_delivery_filter(query: MultiMapping[str]) -> DeliveryFilter:
+    """The `status` and `event` filters of a delivery list; each at most once, from its set."""
+    return DeliveryFilter(
+        status=_choice(query, "status", DELIVERY_STATUSES),
+        event_type=_choice(query, "event", EVENT_TYPES),
+    )

@@ -15,8 +15,8 @@ from engine.core.times import rfc3339
 __all__ = [
     "STILL_PENDING",
     "AttemptRecord",
+    "DeliveryFilter",
     "NewDelivery",
-    "count_deliveries",
     "delivery_json",
     "get_delivery",
     "insert_events_and_deliveries",
@@ -191,25 +191,40 @@ async def get_delivery(conn: Conn, delivery_id: str) -> asyncpg.Record | None:
     return row
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryFilter:
+    """What a delivery list is narrowed to: a status, an event type, both, or neither."""
+
+    status: str | None = None
+    event_type: str | None = None
+
+
 async def list_deliveries(
-    conn: Conn, webhook_id: str, *, offset: int, limit: int
-) -> list[asyncpg.Record]:
-    """A page of a webhook's deliveries, newest first (served by deliveries_by_webhook)."""
+    conn: Conn, webhook_id: str, filters: DeliveryFilter, *, offset: int, limit: int
+) -> tuple[list[asyncpg.Record], int]:
+    """A page of a webhook's deliveries, newest first, and how many match `filters` in all.
+
+    The page is read from deliveries_by_webhook, or, filtered, from deliveries_by_status or
+    deliveries_by_event (migration 0012), in index order: no sort, however long the history.
+    """
+    args: list[Any] = [webhook_id]
+    where = ["webhook_id = $1"]
+    # Fixed conditions, bound values: each combination has its own plan, and an absent filter
+    # is no condition at all (`$2 IS NULL OR status = $2` would keep the indexes from serving).
+    for column, value in (("status", filters.status), ("event_type", filters.event_type)):
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+    condition = " AND ".join(where)
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""SELECT {_RECORD_COLUMNS} FROM deliveries WHERE webhook_id = $1
-            ORDER BY created_at DESC, id DESC OFFSET $2 LIMIT $3""",
-        webhook_id,
+        f"""SELECT {_RECORD_COLUMNS} FROM deliveries WHERE {condition}
+            ORDER BY created_at DESC, id DESC OFFSET ${len(args) + 1} LIMIT ${len(args) + 2}""",
+        *args,
         offset,
         limit,
     )
-    return rows
-
-
-async def count_deliveries(conn: Conn, webhook_id: str) -> int:
-    total: int = await conn.fetchval(
-        "SELECT count(*) FROM deliveries WHERE webhook_id = $1", webhook_id
-    )
-    return total
+    total: int = await conn.fetchval(f"SELECT count(*) FROM deliveries WHERE {condition}", *args)
+    return rows, total
 
 
 def _optional_rfc3339(value: datetime | None) -> str | None:
