@@ -1,16 +1,26 @@
 # syntax=docker/dockerfile:1
 # CargoLint Webhooks: one image for `migrate`, `api` and `worker` (deploy/README.md).
 
-# Build: install the package and its runtime dependencies (never the dev extra) into a venv.
+# Build: the runtime dependencies exactly as uv.lock pins them (never the dev extra), then the
+# project's own wheel, into a venv.
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
+# The same uv release as ./dev; it only turns uv.lock into a hashed requirements list.
+RUN pip install --no-cache-dir uv==0.13.8 \
+    && python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer: a code change reuses it.
+COPY pyproject.toml uv.lock ./
+RUN uv export --locked --no-dev --no-emit-project --format requirements-txt \
+        --output-file /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps \
+        -r /tmp/requirements.txt
+COPY README.md ./
 COPY engine ./engine
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/dist/cargolint_webhooks-*.whl \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 
 # Run: the slim base, the venv, an unprivileged user; no compiler, no pip cache, no sources.
