@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.core.backoff import DEFAULT_SCHEDULE, parse_schedule
+from engine.core.backoff import DEFAULT_SCHEDULE, parse_duration, parse_schedule
 
 __all__ = ["Settings", "SettingsError"]
 
@@ -42,6 +42,7 @@ class Settings:
     ca_bundle: Path | None = None
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     shutdown_grace: float = 25.0
+    retention: float = 30 * 86400.0  # seconds a finished delivery is kept (docs/retention.md)
     # Beyond the contract: tuning knobs with safe defaults.
     max_in_flight: int = 512
     prefetch: int = 1000
@@ -143,6 +144,15 @@ class Settings:
         if rate <= 0:
             raise SettingsError("CARGOLINT_ENDPOINT_RATE", "must be greater than 0")
 
+        retention = d.retention
+        if raw := env.get("CARGOLINT_RETENTION", "").strip():
+            try:
+                retention = parse_duration(raw)
+            except ValueError as exc:
+                raise SettingsError("CARGOLINT_RETENTION", str(exc)) from None
+            if retention <= 0:
+                raise SettingsError("CARGOLINT_RETENTION", "must be longer than 0")
+
         log_level = text("CARGOLINT_LOG_LEVEL", d.log_level).upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CARGOLINT_LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
@@ -169,6 +179,7 @@ class Settings:
             ca_bundle=ca_bundle,
             secret_keys=secret_keys,
             shutdown_grace=number("CARGOLINT_SHUTDOWN_GRACE", d.shutdown_grace),
+            retention=retention,
             max_in_flight=int(
                 number("CARGOLINT_MAX_IN_FLIGHT", d.max_in_flight, minimum=1, integer=True)
             ),

@@ -31,6 +31,7 @@ from engine.worker.health import HealthServer
 from engine.worker.metrics import Metrics
 from engine.worker.poller import Poller
 from engine.worker.recorder import Recorder
+from engine.worker.retention import Purger
 from engine.worker.retrying import TRANSIENT, retry_transient
 
 __all__ = ["Worker", "run"]
@@ -76,6 +77,7 @@ class Worker:
             worker_id=self.id,
         )
         self.dispatcher.behind = self.consumer.behind
+        self.purger = Purger(settings, metrics=self.metrics)
         self._started = False
         self._stopping = False
         # Set, with what ended and how, when one of the worker's loops ends before `stop()`.
@@ -91,6 +93,7 @@ class Worker:
         self._started = True
         await self.poller.start()
         await self.consumer.start()
+        self.purger.start()
         self._supervise()
         log.info("worker started", extra={"worker_id": self.id})
 
@@ -100,7 +103,15 @@ class Worker:
         alive and does nothing, so that is logged and `failed` set: `run` then stops the worker
         and exits non-zero, for the orchestrator to restart it (what was not acked comes back,
         the claims are released)."""
-        for part in (self.cache, self.recorder, self.dispatcher, self.poller, self.consumer):
+        parts = (
+            self.cache,
+            self.recorder,
+            self.dispatcher,
+            self.poller,
+            self.consumer,
+            self.purger,
+        )
+        for part in parts:
             for task in part.tasks:
                 task.add_done_callback(self._ended)
 
@@ -136,6 +147,7 @@ class Worker:
             await self.cache.close()
             return
         await self.poller.stop()
+        await self.purger.stop()
         cancelled = await self.dispatcher.drain(left(0.0))
         # The last writes must happen even if whoever awaits stop() is cancelled meanwhile.
         await asyncio.shield(self._final_writes(cancelled, wait_for_db=left(2.0)))

@@ -184,6 +184,18 @@ class Metrics:
             "1 while this worker is connected and consuming, else 0.",
             registry=r,
         )
+        # table: deliveries | delivery_attempts | events
+        self.retention_removed = Counter(
+            p + "retention_removed_total",
+            "Rows the retention purge removed, by table.",
+            ["table"],
+            registry=r,
+        )
+        self.retention_oldest_kept = Gauge(
+            p + "retention_oldest_kept_seconds",
+            "Age of the oldest finished delivery kept, at this worker's last purge run.",
+            registry=r,
+        )
         # The labelled ones, children cached: `metrics.attempts_by(event_type, outcome).inc()`.
         self.events_consumed_by = Children(self.events_consumed)
         self.events_dead_lettered_by = Children(self.events_dead_lettered)
@@ -192,3 +204,6 @@ class Metrics:
         self.attempts_by = Children(self.attempts)
         self.retries_scheduled_by = Children(self.retries_scheduled)
         self.rate_limit_waits_by = Children(self.rate_limit_waits)
+        self.retention_removed_by = Children(self.retention_removed)
+        for table in ("deliveries", "delivery_attempts", "events"):
+            self.retention_removed_by(table)

@@ -1,0 +1,328 @@
+"""Retention against the real database: what a purge removes, what it keeps, one purger at a time.
+
+Deliveries are made as the worker makes them (tests.api.deliveries.add_delivery) and dated back
+by hand; the purge runs with a retention of an hour, so "old" is two hours and "young" a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from engine.core.events import Event
+from engine.core.ids import delivery_id, new_id
+from engine.settings import Settings, SettingsError
+from engine.store.db import connect
+from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
+from engine.store.retention import PURGE_LOCK
+from engine.worker.metrics import Metrics
+from engine.worker.retention import Purger
+from tests.api.deliveries import add_delivery
+from tests.conftest import with_
+from tests.worker.conftest import StartWorker
+from tests.worker.helpers import event_data, make_account, make_webhook
+
+URL = "https://receiver.example/hook"
+HOUR = 3600.0
+
+
+def _ago(seconds: float) -> datetime:
+    return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+async def _attempt(pool: asyncpg.Pool[Any], dlv: str, number: int = 1) -> None:
+    await pool.execute(
+        """INSERT INTO delivery_attempts (delivery_id, number, attempted_at, response_status)
+           VALUES ($1, $2, now(), 200)""",
+        dlv,
+        number,
+    )
+
+
+async def _present(pool: asyncpg.Pool[Any], ids: list[str]) -> set[str]:
+    rows = await pool.fetch("SELECT id FROM deliveries WHERE id = ANY($1::text[])", ids)
+    return {r["id"] for r in rows}
+
+
+async def _attempts(pool: asyncpg.Pool[Any], ids: list[str]) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM delivery_attempts WHERE delivery_id = ANY($1::text[])", ids
+    )
+    return count
+
+
+async def _event_kept(pool: asyncpg.Pool[Any], account_id: str, dlv: str) -> bool:
+    kept: bool = await pool.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM events e
+                          WHERE e.account_id = $1
+                            AND e.id = (SELECT event_id FROM deliveries WHERE id = $2))""",
+        account_id,
+        dlv,
+    )
+    return kept
+
+
+async def _event_exists(pool: asyncpg.Pool[Any], account_id: str, event_id: str) -> bool:
+    exists: bool = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE account_id = $1 AND id = $2)",
+        account_id,
+        event_id,
+    )
+    return exists
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(f"cargolint_webhooks_{name}", labels)
+    assert value is not None, name
+    return value
+
+
+@pytest.fixture(autouse=True)
+async def _nothing_old_left(pool: asyncpg.Pool[Any], settings: Settings) -> None:
+    """Earlier tests of the session may have dated deliveries back: purge them first, so each
+    test counts only its own rows."""
+    await _drain(_purger(settings))
+
+
+def _purger(settings: Settings, metrics: Metrics | None = None, **kwargs: Any) -> Purger:
+    return Purger(with_(settings, retention=HOUR), metrics=metrics or Metrics(), **kwargs)
+
+
+async def _drain(purger: Purger) -> int:
+    """Run until nothing is left; return the deliveries removed."""
+    removed = 0
+    while True:
+        result = await purger.run_once()
+        assert result.held
+        removed += result.removed.deliveries
+        if not result.more:
+            return removed
+
+
+async def _shared_event(
+    pool: asyncpg.Pool[Any], account_id: str, webhook_ids: list[str]
+) -> tuple[str, list[str]]:
+    """One event delivered to several webhooks; return its id and the delivery ids."""
+    event = Event(
+        id=new_id("evt"),
+        type="document.uploaded",
+        account_id=account_id,
+        mode="live",
+        timestamp="2026-03-02T11:45:00Z",
+        data=orjson.dumps(event_data("document.uploaded")),
+    )
+    ids = [delivery_id(w, account_id, event.id) for w in webhook_ids]
+    await insert_events_and_deliveries(
+        pool,
+        [event],
+        [NewDelivery(i, w, event) for i, w in zip(ids, webhook_ids, strict=True)],
+        claimed_by=None,
+    )
+    return event.id, ids
+
+
+async def test_old_finished_deliveries_go_with_their_attempts_and_events(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    old = [
+        await add_delivery(
+            pool, hook, account, mode="live", status=s, attempts=1, created_at=_ago(2 * HOUR)
+        )
+        for s in ("succeeded", "failed", "failed")
+    ]
+    old_pending = await add_delivery(
+        pool, hook, account, mode="live", status="pending", attempts=3, created_at=_ago(90 * HOUR)
+    )
+    young = await add_delivery(
+        pool, hook, account, mode="live", status="succeeded", attempts=1, created_at=_ago(60)
+    )
+    # Just inside the retention: kept.
+    edge = await add_delivery(
+        pool, hook, account, mode="live", status="failed", attempts=1, created_at=_ago(HOUR - 60)
+    )
+    for d in [*old, old_pending, young, edge]:
+        await _attempt(pool, d)
+    metrics = Metrics()
+
+    result = await _purger(settings, metrics).run_once()
+
+    assert result.held
+    assert result.removed.deliveries == 3
+    assert result.removed.attempts == 3
+    assert result.removed.events == 3
+    assert await _present(pool, [*old, old_pending, young, edge]) == {old_pending, young, edge}
+    assert await _attempts(pool, old) == 0
+    assert await _attempts(pool, [old_pending, young, edge]) == 3
+    for d in (old_pending, young, edge):
+        assert await _event_kept(pool, account, d)
+    assert _sample(metrics, "retention_removed_total", table="deliveries") == 3
+    assert _sample(metrics, "retention_removed_total", table="delivery_attempts") == 3
+    assert _sample(metrics, "retention_removed_total", table="events") == 3
+    # The oldest finished delivery left is the one just inside the retention.
+    assert HOUR - 120 < _sample(metrics, "retention_oldest_kept_seconds") < HOUR
+
+
+async def test_an_event_stays_while_another_webhooks_delivery_needs_it(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    account = await make_account(pool)
+    hooks = [(await make_webhook(pool, settings, account, URL))[0] for _ in range(3)]
+    # a: all three deliveries old and finished → the event goes with them.
+    a_event, a = await _shared_event(pool, account, hooks)
+    # b: one delivery still pending → the event stays, the finished two go.
+    b_event, b = await _shared_event(pool, account, hooks)
+    # c: one delivery young (a later webhook's delivery of a republished event) → stays.
+    c_event, c = await _shared_event(pool, account, hooks)
+    await pool.execute(
+        """UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL,
+                  created_at = now() - interval '2 hours'
+           WHERE id = ANY($1::text[])""",
+        [*a, *b[:2], *c[:2]],
+    )
+    await pool.execute(
+        "UPDATE deliveries SET created_at = now() - interval '2 hours' WHERE id = $1", b[2]
+    )
+    await pool.execute(
+        "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL WHERE id = $1", c[2]
+    )
+
+    assert await _drain(_purger(settings)) == 7
+
+    assert await _present(pool, [*a, *b, *c]) == {b[2], c[2]}
+    assert not await _event_exists(pool, account, a_event)
+    assert await _event_exists(pool, account, b_event)
+    assert await _event_exists(pool, account, c_event)
+
+
+async def test_batches_reach_everything_old(pool: asyncpg.Pool[Any], settings: Settings) -> None:
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    old = [
+        await add_delivery(
+            pool,
+            hook,
+            account,
+            mode="live",
+            status="succeeded",
+            attempts=1,
+            created_at=_ago(2 * HOUR + i),
+        )
+        for i in range(7)
+    ]
+    purger = _purger(settings, batch=3, budget=0.0)  # one batch per run
+
+    first = await purger.run_once()
+    assert first.removed.deliveries == 3
+    assert first.more
+    assert await _drain(purger) == 4
+    assert await _present(pool, old) == set()
+
+
+async def test_a_purge_in_progress_elsewhere_makes_a_run_skip(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    old = [
+        await add_delivery(
+            pool, hook, account, mode="live", status="failed", attempts=1, created_at=_ago(2 * HOUR)
+        )
+        for _ in range(4)
+    ]
+    other = await connect(settings.database_url)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", PURGE_LOCK)
+        skipped = await _purger(settings).run_once()
+        assert not skipped.held
+        assert skipped.removed.deliveries == 0
+        assert await _present(pool, old) == set(old)
+    finally:
+        await other.close()
+    assert (await _purger(settings).run_once()).removed.deliveries == 4
+
+
+async def test_two_purgers_racing_remove_each_row_once(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    old = [
+        await add_delivery(
+            pool,
+            hook,
+            account,
+            mode="live",
+            status="succeeded",
+            attempts=1,
+            created_at=_ago(2 * HOUR + i),
+        )
+        for i in range(40)
+    ]
+    for d in old:
+        await _attempt(pool, d)
+    one, two = _purger(settings, batch=5), _purger(settings, batch=5)
+    # The first run is held inside its first batch (its DELETE of attempts waits for this
+    # table lock) with the purge lock taken; the second runs meanwhile.
+    blocker = await connect(settings.database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE delivery_attempts IN SHARE MODE")
+            first = asyncio.create_task(one.run_once())
+            while not await pool.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d
+                                      ON d.oid = l.database
+                                  WHERE l.locktype = 'advisory' AND l.granted
+                                    AND d.datname = current_database())"""
+            ):
+                await asyncio.sleep(0.01)
+            second = await two.run_once()
+        held = await first
+    finally:
+        await blocker.close()
+
+    assert not second.held
+    assert second.removed.deliveries == 0
+    assert held.held
+    assert held.removed.deliveries == 40
+    assert held.removed.attempts == 40
+    assert await _present(pool, old) == set()
+
+
+async def test_a_worker_purges_on_start(
+    pool: asyncpg.Pool[Any], start_worker: StartWorker, settings: Settings
+) -> None:
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    old = await add_delivery(
+        pool, hook, account, mode="live", status="failed", attempts=1, created_at=_ago(5)
+    )
+    kept = await add_delivery(pool, hook, account, mode="live", status="pending")
+
+    worker = await start_worker(retention=2.0)
+
+    for _ in range(100):
+        if not await _present(pool, [old]):
+            break
+        await asyncio.sleep(0.1)
+    assert await _present(pool, [old, kept]) == {kept}
+    assert _sample(worker.metrics, "retention_removed_total", table="deliveries") >= 1
+
+
+@pytest.mark.parametrize("raw", ["0", "0s", "soon", "-1d", "3 weeks"])
+def test_a_bad_retention_names_the_variable(raw: str) -> None:
+    with pytest.raises(SettingsError, match="CARGOLINT_RETENTION"):
+        Settings.from_env({"CARGOLINT_RETENTION": raw})
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"), [("", 30 * 86400.0), ("30d", 30 * 86400.0), ("2s", 2.0), ("90m", 5400.0)]
+)
+def test_retention_durations(raw: str, seconds: float) -> None:
+    assert Settings.from_env({"CARGOLINT_RETENTION": raw}).retention == seconds
