@@ -1,7 +1,8 @@
 """Retry schedule arithmetic: durations, jitter and Retry-After, all pure.
 
 The schedule lists the waits after the first, second, ... failed attempt; its length plus one
-is the number of attempts in all.
+is the number of attempts in all. A resent delivery starts the schedule afresh while its attempt
+numbers keep counting: `retry_base` is the number of attempts made before the current schedule.
 """
 
 from __future__ import annotations
@@ -82,17 +83,21 @@ def next_delay(
     attempts_made: int,
     schedule: tuple[float, ...],
     *,
+    retry_base: int = 0,
     retry_after: float | None = None,
     rng: Random | None = None,
 ) -> float | None:
     """Seconds to wait before the next attempt, or None when no attempt is left.
 
-    `attempts_made` counts attempts so far (1 after the first). The wait is the scheduled one
-    lengthened by up to JITTER, or the Retry-After delay if that is longer.
+    `attempts_made` counts attempts so far (1 after the first), `retry_base` those made before
+    the current schedule began (a resent delivery's earlier attempts): the step in the schedule
+    is their difference. The wait is the scheduled one lengthened by up to JITTER, or the
+    Retry-After delay if that is longer.
     """
-    if attempts_made < 1 or attempts_made > len(schedule):
+    step = attempts_made - retry_base
+    if step < 1 or step > len(schedule):
         return None
-    scheduled = schedule[attempts_made - 1]
+    scheduled = schedule[step - 1]
     jitter = (rng or _rng).uniform(0.0, JITTER) * scheduled
     delay = scheduled + jitter
     if retry_after is not None:

@@ -48,6 +48,7 @@ class ClaimedDelivery:
     webhook_id: str
     attempts: int
     event: Event
+    retry_base: int = 0  # attempts made before its current retry schedule began
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +81,8 @@ async def claim_due(
                     LIMIT $2
                     FOR UPDATE OF d SKIP LOCKED)
               AND e.account_id = d.account_id AND e.id = d.event_id
-            RETURNING d.id, d.webhook_id, d.attempts, e.id AS event_id, e.type, e.account_id,
-                      e.mode, e."timestamp", e.data""",
+            RETURNING d.id, d.webhook_id, d.attempts, d.retry_base, e.id AS event_id, e.type,
+                      e.account_id, e.mode, e."timestamp", e.data""",
         worker_id,
         limit,
         list(skip),
@@ -91,6 +92,7 @@ async def claim_due(
             id=r["id"],
             webhook_id=r["webhook_id"],
             attempts=r["attempts"],
+            retry_base=r["retry_base"],
             event=Event(
                 id=r["event_id"],
                 type=r["type"],
@@ -112,12 +114,13 @@ async def retake_due(
 
     For a redelivered message whose deliveries exist already: if this worker's earlier commit
     went through but its hand-off did not, or their worker died, they are taken up again now.
-    A delivery waiting for a later retry is not due, so its schedule is kept.
+    A delivery waiting for a later retry is not due, so its schedule is kept. A resent one
+    (`retry_base` > 0) is left to `claim_due`, which reads where its fresh schedule began.
     """
     rows = await conn.fetch(
         f"""UPDATE deliveries d SET claimed_by = $1
             WHERE d.id = ANY($3::text[]) AND {STILL_PENDING}
-              AND d.next_attempt_at <= now()
+              AND d.next_attempt_at <= now() AND d.retry_base = 0
               AND (d.claimed_by = $1 OR {_UNCLAIMED})
             RETURNING d.id, d.attempts""",
         worker_id,

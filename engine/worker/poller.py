@@ -133,7 +133,8 @@ class Poller:
         claimed = await claim_due(self._pool, self._worker_id, limit=limit, skip=skip)
         if claimed:
             self._dispatcher.submit(
-                Job(c.id, c.webhook_id, c.event, c.attempts + 1) for c in claimed
+                Job(c.id, c.webhook_id, c.event, c.attempts + 1, retry_base=c.retry_base)
+                for c in claimed
             )
             log.debug("claimed due deliveries", extra={"count": len(claimed)})
         return len(claimed)

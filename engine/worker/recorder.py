@@ -85,7 +85,10 @@ class Recorder:
             log.debug("delivered", extra={**ids, "attempt": job.attempt})
         else:
             delay = next_delay(
-                job.attempt, self._settings.retry_schedule, retry_after=outcome.retry_after
+                job.attempt,
+                self._settings.retry_schedule,
+                retry_base=job.retry_base,
+                retry_after=outcome.retry_after,
             )
             extra = {**ids, "attempt": job.attempt, "error": outcome.error}
             if delay is None:
