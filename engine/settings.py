@@ -43,6 +43,8 @@ class Settings:
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     shutdown_grace: float = 25.0
     retention: float = 30 * 86400.0  # seconds a finished delivery is kept (docs/retention.md)
+    # A webhook whose attempts have all failed for this long is disabled (docs/contract.md §6).
+    disable_after: float = 5 * 86400.0
     # Beyond the contract: tuning knobs with safe defaults.
     max_in_flight: int = 512
     prefetch: int = 1000
@@ -101,6 +103,15 @@ class Settings:
                 schedule = parse_schedule(raw)
             except ValueError as exc:
                 raise SettingsError("CARGOLINT_RETRY_SCHEDULE", str(exc)) from None
+
+        disable_after = d.disable_after
+        if raw := env.get("CARGOLINT_DISABLE_AFTER", "").strip():
+            try:
+                disable_after = parse_duration(raw)
+            except ValueError as exc:
+                raise SettingsError("CARGOLINT_DISABLE_AFTER", str(exc)) from None
+            if disable_after <= 0:
+                raise SettingsError("CARGOLINT_DISABLE_AFTER", "must be longer than 0")
 
         networks: list[IPNetwork] = []
         for part in env.get("CARGOLINT_ALLOWED_NETWORKS", "").split(","):
@@ -180,6 +191,7 @@ class Settings:
             secret_keys=secret_keys,
             shutdown_grace=number("CARGOLINT_SHUTDOWN_GRACE", d.shutdown_grace),
             retention=retention,
+            disable_after=disable_after,
             max_in_flight=int(
                 number("CARGOLINT_MAX_IN_FLIGHT", d.max_in_flight, minimum=1, integer=True)
             ),

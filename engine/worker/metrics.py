@@ -196,6 +196,15 @@ class Metrics:
             "Age of the oldest finished delivery kept, at this worker's last purge run.",
             registry=r,
         )
+        # reason: failing (every attempt failed for CARGOLINT_DISABLE_AFTER) | gone (a 410)
+        self.webhooks_disabled = Counter(
+            p + "webhooks_disabled_total",
+            "Webhooks this worker disabled, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("failing", "gone"):  # exported at 0, so rate() sees the first one
+            self.webhooks_disabled.labels(reason)
         # The labelled ones, children cached: `metrics.attempts_by(event_type, outcome).inc()`.
         self.events_consumed_by = Children(self.events_consumed)
         self.events_dead_lettered_by = Children(self.events_dead_lettered)
@@ -207,3 +216,4 @@ class Metrics:
         self.retention_removed_by = Children(self.retention_removed)
         for table in ("deliveries", "delivery_attempts", "events"):
             self.retention_removed_by(table)
+        self.webhooks_disabled_by = Children(self.webhooks_disabled)

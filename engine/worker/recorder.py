@@ -8,6 +8,10 @@ attempt at once. A failed attempt with attempts left gets
 worker's poller may take it when due; after the last attempt the delivery is `failed`.
 Parked deliveries (a failing endpoint had no room for them) lose their claim the same way, due
 again a while later, with no attempt recorded.
+
+Each batch also tells the webhooks' failing streaks (`engine.store.disabling`): a receiver that
+answered 410 Gone, or whose attempts have all failed for `disable_after`, has its webhook
+disabled, logged and counted.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from engine.core.backoff import next_delay
 from engine.delivery import Outcome
 from engine.settings import Settings
 from engine.store.deliveries import AttemptRecord, record_attempts
+from engine.store.disabling import Seen, disable_webhooks, note_streaks, streaks
 from engine.store.queue import end_deliveries, park_deliveries, release_deliveries
 from engine.worker.job import Job
 from engine.worker.metrics import Metrics
@@ -34,6 +39,12 @@ __all__ = ["GONE", "Recorder"]
 log = logging.getLogger(__name__)
 
 GONE = "webhook deleted or inactive"
+# A receiver that answers this wants no more deliveries: the delivery ends, the webhook is
+# disabled (docs/contract.md §6, as Standard Webhooks asks).
+HTTP_GONE = 410
+# The dispatcher's error class for an attempt that failed inside the worker: not the receiver's
+# doing, so it says nothing about the webhook's failing streak.
+INTERNAL = "internal"
 # As in the consumer: under a steady flow a small batch waits a little for company. Nobody
 # waits on these writes but the deliveries' records, so the wait may be longer.
 GATHER = 0.005
@@ -56,6 +67,8 @@ class Recorder:
         self._records: list[AttemptRecord] = []
         self._gone: list[str] = []
         self._parked: list[tuple[str, datetime]] = []
+        self._seen: list[Seen] = []
+        self._gone_webhooks: set[str] = set()  # whose receiver answered 410 Gone
         self._pending = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -84,14 +97,21 @@ class Recorder:
             self._metrics.deliveries_by(event_type, "succeeded").inc()
             log.debug("delivered", extra={**ids, "attempt": job.attempt})
         else:
-            delay = next_delay(
-                job.attempt,
-                self._settings.retry_schedule,
-                retry_base=job.retry_base,
-                retry_after=outcome.retry_after,
-            )
+            gone = outcome.status == HTTP_GONE
+            delay = None
+            if not gone:
+                delay = next_delay(
+                    job.attempt,
+                    self._settings.retry_schedule,
+                    retry_base=job.retry_base,
+                    retry_after=outcome.retry_after,
+                )
             extra = {**ids, "attempt": job.attempt, "error": outcome.error}
-            if delay is None:
+            if gone:
+                status = "failed"
+                self._metrics.deliveries_by(event_type, "failed").inc()
+                log.warning("receiver answered 410 Gone; delivery failed", extra=extra)
+            elif delay is None:
                 status = "failed"
                 self._metrics.deliveries_by(event_type, "failed").inc()
                 log.warning("delivery failed after its last attempt", extra=extra)
@@ -118,6 +138,10 @@ class Recorder:
                 next_attempt_at=next_at,
             )
         )
+        if outcome.error_class != INTERNAL:
+            self._seen.append(Seen(job.webhook_id, attempted_at, outcome.succeeded))
+            if outcome.status == HTTP_GONE:
+                self._gone_webhooks.add(job.webhook_id)
         self._wake()
 
     def gone(self, job: Job) -> None:
@@ -156,6 +180,8 @@ class Recorder:
             records, self._records = self._records, []
             gone, self._gone = self._gone, []
             parked, self._parked = self._parked, []
+            seen, self._seen = self._seen, []
+            said_gone, self._gone_webhooks = self._gone_webhooks, set()
             if records or gone or parked:
                 try:
                     await self._write(records, gone, parked)
@@ -164,10 +190,13 @@ class Recorder:
                     self._records[:0] = records
                     self._gone[:0] = gone
                     self._parked[:0] = parked
+                    self._seen[:0] = seen
+                    self._gone_webhooks |= said_gone
                     await asyncio.sleep(1.0)
                     self._pending.set()
                     continue
                 self.on_written(_delivery_ids(records, gone, parked))
+                await self._judge(seen, said_gone)
             if not self._waiting():
                 self._idle.set()
 
@@ -192,6 +221,40 @@ class Recorder:
             await retry_transient(
                 lambda: release_deliveries(self._pool, ids), what="release deliveries"
             )
+
+    async def _judge(self, seen: list[Seen], said_gone: set[str]) -> None:
+        """Note the webhooks' failing streaks; disable those that answered 410 Gone or have
+        failed for `disable_after`. Every statement may run again (a retried write)."""
+        if not seen:
+            return
+
+        async def judge() -> list[tuple[str, str]]:
+            async with self._pool.acquire() as conn:
+                failing = await note_streaks(
+                    conn, streaks(seen), disable_after=self._settings.disable_after
+                )
+                disabled = [
+                    (webhook_id, "gone")
+                    for webhook_id in await disable_webhooks(conn, sorted(said_gone), "gone")
+                ]
+                failing = [(w, since) for w, since in failing if w not in said_gone]
+                ids = await disable_webhooks(
+                    conn,
+                    [w for w, _ in failing],
+                    "failing",
+                    failing_since=[since for _, since in failing],
+                )
+                return disabled + [(webhook_id, "failing") for webhook_id in ids]
+
+        try:
+            disabled = await retry_transient(judge, what="note failing webhooks")
+        except (asyncpg.PostgresError, ValueError):
+            # The attempts are recorded; a webhook's streak is noted again by its next attempt.
+            log.exception("cannot note failing webhooks")
+            return
+        for webhook_id, reason in disabled:
+            self._metrics.webhooks_disabled_by(reason).inc()
+            log.warning("webhook disabled", extra={"webhook_id": webhook_id, "reason": reason})
 
     async def close(self, wait_for_db: float = 10.0) -> None:
         """Write everything queued (waiting up to `wait_for_db` seconds), then stop."""
