@@ -8,11 +8,13 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
+import orjson
 
 from engine.core.events import Event
 from engine.core.times import rfc3339
 
 __all__ = [
+    "EXACT_TOTAL",
     "STILL_PENDING",
     "AttemptRecord",
     "DeliveryFilter",
@@ -199,6 +201,14 @@ class DeliveryFilter:
     event_type: str | None = None
 
 
+# `total` is exact up to this many deliveries; above, an estimate that is never lower.
+EXACT_TOTAL = 10_000
+# From this offset on, a page is found by its first row's key (an index-only scan that skips
+# `offset` index entries) and then read by keyset: an OFFSET over whole rows would read the
+# table's row of every delivery it skips.
+ANCHORED_FROM = 1_000
+
+
 async def list_deliveries(
     conn: Conn, webhook_id: str, filters: DeliveryFilter, *, offset: int, limit: int
 ) -> tuple[list[asyncpg.Record], int]:
@@ -206,6 +216,8 @@ async def list_deliveries(
 
     The page is read from deliveries_by_webhook, or, filtered, from deliveries_by_status or
     deliveries_by_event (migration 0012), in index order: no sort, however long the history.
+    `total` is counted up to `EXACT_TOTAL` + 1 matching deliveries at most; past that it is
+    the planner's estimate, at least `EXACT_TOTAL` + 1 and at least the rows up to this page.
     """
     args: list[Any] = [webhook_id]
     where = ["webhook_id = $1"]
@@ -216,15 +228,59 @@ async def list_deliveries(
             args.append(value)
             where.append(f"{column} = ${len(args)}")
     condition = " AND ".join(where)
-    rows: list[asyncpg.Record] = await conn.fetch(
-        f"""SELECT {_RECORD_COLUMNS} FROM deliveries WHERE {condition}
-            ORDER BY created_at DESC, id DESC OFFSET ${len(args) + 1} LIMIT ${len(args) + 2}""",
+    n = len(args)
+    if offset < ANCHORED_FROM:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            f"""SELECT {_RECORD_COLUMNS} FROM deliveries WHERE {condition}
+                ORDER BY created_at DESC, id DESC OFFSET ${n + 1} LIMIT ${n + 2}""",
+            *args,
+            offset,
+            limit,
+        )
+    else:
+        rows = await _anchored_page(conn, condition, args, offset, limit)
+    counted: int = await conn.fetchval(
+        f"SELECT count(*) FROM (SELECT FROM deliveries WHERE {condition} LIMIT ${n + 1}) c",
+        *args,
+        EXACT_TOTAL + 1,
+    )
+    if counted <= EXACT_TOTAL:
+        return rows, counted
+    floor = max(EXACT_TOTAL + 1, offset + len(rows))
+    return rows, max(floor, await _estimate(conn, condition, args))
+
+
+async def _anchored_page(
+    conn: Conn, condition: str, args: list[Any], offset: int, limit: int
+) -> list[asyncpg.Record]:
+    n = len(args)
+    anchor = await conn.fetchrow(
+        f"""SELECT created_at, id FROM deliveries WHERE {condition}
+            ORDER BY created_at DESC, id DESC OFFSET ${n + 1} LIMIT 1""",
         *args,
         offset,
+    )
+    if anchor is None:
+        return []
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_RECORD_COLUMNS} FROM deliveries
+            WHERE {condition} AND (created_at, id) <= (${n + 1}, ${n + 2})
+            ORDER BY created_at DESC, id DESC LIMIT ${n + 3}""",
+        *args,
+        anchor["created_at"],
+        anchor["id"],
         limit,
     )
-    total: int = await conn.fetchval(f"SELECT count(*) FROM deliveries WHERE {condition}", *args)
-    return rows, total
+    return rows
+
+
+async def _estimate(conn: Conn, condition: str, args: list[Any]) -> int:
+    """The planner's estimate of the matching rows (from the table's statistics)."""
+    plan = await conn.fetchval(
+        f"EXPLAIN (FORMAT JSON) SELECT FROM deliveries WHERE {condition}", *args
+    )
+    parsed = orjson.loads(plan) if isinstance(plan, str) else plan
+    return int(parsed[0]["Plan"]["Plan Rows"])
 
 
 def _optional_rfc3339(value: datetime | None) -> str | None:
