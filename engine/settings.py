@@ -46,6 +46,8 @@ class Settings:
     # A webhook whose attempts have all failed for this long is disabled (docs/contract.md §6).
     disable_after: float = 5 * 86400.0
     # Beyond the contract: tuning knobs with safe defaults.
+    dns_timeout: float = 5.0
+    dns_servers: tuple[str, ...] = ()  # empty: the system's (resolv.conf)
     max_in_flight: int = 512
     prefetch: int = 1000
     poll_interval: float = 0.5
@@ -164,6 +166,15 @@ class Settings:
             if retention <= 0:
                 raise SettingsError("CARGOLINT_RETENTION", "must be longer than 0")
 
+        dns_timeout = number("CARGOLINT_DNS_TIMEOUT", d.dns_timeout)
+        if dns_timeout <= 0:
+            raise SettingsError("CARGOLINT_DNS_TIMEOUT", "must be greater than 0")
+        dns_servers = tuple(
+            _dns_server(part.strip())
+            for part in env.get("CARGOLINT_DNS_SERVERS", "").split(",")
+            if part.strip()
+        )
+
         log_level = text("CARGOLINT_LOG_LEVEL", d.log_level).upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CARGOLINT_LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
@@ -213,5 +224,27 @@ class Settings:
             api_rate_burst=int(
                 number("CARGOLINT_API_RATE_BURST", d.api_rate_burst, minimum=1, integer=True)
             ),
+            dns_timeout=dns_timeout,
+            dns_servers=dns_servers,
             log_level=log_level,
         )
+
+
+def _dns_server(entry: str) -> str:
+    """`ip`, `ip:port` or `[ipv6]:port`, as c-ares takes them; SettingsError otherwise."""
+    host, port = entry, "53"
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":") or port
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    try:
+        ipaddress.ip_address(host)
+        valid = 0 < int(port) <= 65535
+    except ValueError:
+        valid = False
+    if not valid:
+        raise SettingsError(
+            "CARGOLINT_DNS_SERVERS", f"{entry!r} is not an IP address with an optional port"
+        )
+    return entry

@@ -22,9 +22,10 @@ from engine.api.errors import error_middleware
 from engine.api.handlers import MAX_BODY, routes
 from engine.api.limits import KeyRateLimiter
 from engine.api.metrics import ApiMetrics, metrics_middleware
-from engine.api.state import BOX, LIMITER, METRICS, POOL, SENDER, SETTINGS, TEST_WRITES
+from engine.api.state import BOX, DNS, LIMITER, METRICS, POOL, SENDER, SETTINGS, TEST_WRITES
 from engine.core.crypto import SecretBox
 from engine.delivery import Sender
+from engine.delivery.dns import HostLookups
 from engine.settings import Settings
 from engine.store.db import create_pool
 
@@ -48,6 +49,7 @@ def build_app(settings: Settings, *, pool: asyncpg.Pool[Any] | None = None) -> w
     app[LIMITER] = KeyRateLimiter(settings.api_rate_limit, settings.api_rate_burst)
     app.cleanup_ctx.append(_database(settings, pool))
     app.cleanup_ctx.append(_sender)
+    app.cleanup_ctx.append(_lookups)
     openapi = OPENAPI_PATH.read_bytes()
 
     async def openapi_json(_: web.Request) -> web.Response:
@@ -100,6 +102,16 @@ async def _sender(app: web.Application) -> AsyncIterator[None]:
         # Handlers are done or cancelled by now; the records they started must still land.
         await asyncio.gather(*app[TEST_WRITES], return_exceptions=True)
         await sender.close()
+
+
+async def _lookups(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    lookups = HostLookups(timeout=settings.dns_timeout, nameservers=settings.dns_servers)
+    app[DNS] = lookups
+    try:
+        yield
+    finally:
+        await lookups.close()
 
 
 async def serve(settings: Settings) -> None:

@@ -13,7 +13,7 @@ from aiohttp import web
 from engine.api.auth import principal
 from engine.api.destination import check_destination
 from engine.api.errors import ApiError, bad_request
-from engine.api.state import BOX, POOL, SENDER, SETTINGS, TEST_WRITES
+from engine.api.state import BOX, DNS, POOL, SENDER, SETTINGS, TEST_WRITES
 from engine.api.validation import (
     WEBHOOK_ID,
     parse_create,
@@ -82,7 +82,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     who = principal(request)
     settings = request.app[SETTINGS]
     spec = parse_create(await read_json(request), allow_http=settings.allow_http)
-    await check_destination(spec.url, settings.allowed_networks)
+    await check_destination(spec.url, settings.allowed_networks, request.app[DNS])
     try:
         async with request.app[POOL].acquire() as conn:
             row, secret = await webhooks.create_webhook(
@@ -134,7 +134,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     changes = parse_update(await read_json(request), allow_http=settings.allow_http)
     if "url" in changes:
-        await check_destination(changes["url"], settings.allowed_networks)
+        await check_destination(changes["url"], settings.allowed_networks, request.app[DNS])
     async with request.app[POOL].acquire() as conn:
         row = await webhooks.update_webhook(
             conn,

@@ -116,7 +116,10 @@ def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
 
 
 def blocked_reason(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | None:
-    """Why deliveries must not go to `ip`, or None if they may.
+    """Why deliveries must not go to `ip` ("a loopback address"), or None if they may.
+
+    The reason never names the address: it may end up in a message to a customer whose host
+    name resolved to it, and internal addresses are not theirs to see.
 
     Loopback, private, link-local (cloud metadata), CGNAT, multicast, reserved and unspecified
     addresses are refused, also when wrapped in IPv6 (IPv4-mapped, 6to4, Teredo, NAT64),
@@ -131,7 +134,9 @@ def blocked_reason(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | No
             return None
     # A wrapped IPv4 address is judged by what it wraps: that is where packets end up.
     reason = _classify(inner if inner is not None else ip)
-    return f"{ip} is a {reason} address" if reason else None
+    if reason is None:
+        return None
+    return f"{'an' if reason[0] in 'aeiou' else 'a'} {reason} address"
 
 
 def _classify(ip: IPAddress) -> str | None:

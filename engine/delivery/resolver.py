@@ -1,16 +1,30 @@
-"""A resolver that refuses private addresses at connection time (DNS rebinding included)."""
+"""A resolver that refuses private addresses at connection time (DNS rebinding included).
+
+aiohttp's connector dials exactly the addresses `SafeResolver.resolve` returns, and it returns
+only addresses it has checked: what is checked is what is dialled. Refusals say what kind of
+address a name resolves to, never which address, so they may be shown to customers.
+"""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
 from engine.core.urls import IPNetwork, blocked_reason, host_ip
+from engine.delivery.dns import (
+    DEFAULT_MAX_TTL,
+    DEFAULT_TIMEOUT,
+    Answer,
+    HostLookups,
+    LookupFailedError,
+)
+from engine.settings import Settings
 
-__all__ = ["BlockedAddressError", "SafeResolver", "check_host"]
+__all__ = ["BlockedAddressError", "LookupFailedError", "SafeResolver", "check_host"]
+
+_NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
 
 class BlockedAddressError(OSError):
@@ -23,35 +37,77 @@ class BlockedAddressError(OSError):
 
 def check_host(host: str, allowed: Iterable[IPNetwork]) -> None:
     """Refuse a host that literally names a blocked address (aiohttp skips the resolver then)."""
-    ip = host_ip(host)
+    ip = host_ip(host.removesuffix("."))
     if ip is not None and (reason := blocked_reason(ip, allowed)):
-        raise BlockedAddressError(f"address not allowed: {reason}")
+        raise BlockedAddressError(f"address not allowed: the host is {reason}")
 
 
 class SafeResolver(AbstractResolver):
-    """Resolve with getaddrinfo, then refuse the answer if any address is blocked."""
+    """Resolve through `HostLookups` (c-ares), then refuse the name if any address is blocked.
+
+    `inner` lets tests stand in a resolver that lies, as a rebinding DNS server would;
+    `nameservers` lets them point c-ares at a DNS server of their own.
+    """
 
     def __init__(
-        self, allowed: Iterable[IPNetwork] = (), inner: AbstractResolver | None = None
+        self,
+        allowed: Iterable[IPNetwork] = (),
+        inner: AbstractResolver | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_ttl: float = DEFAULT_MAX_TTL,
+        nameservers: Sequence[str] = (),
     ) -> None:
-        # `inner` lets tests stand in a resolver that lies, as a rebinding DNS server would.
-        self._inner = inner or ThreadedResolver()
         self._allowed = tuple(allowed)
+        self.lookups = HostLookups(
+            timeout=timeout, max_ttl=max_ttl, nameservers=nameservers, inner=inner
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, inner: AbstractResolver | None = None
+    ) -> SafeResolver:
+        """The resolver `settings` describe: allowed networks, DNS timeout and servers."""
+        return cls(
+            settings.allowed_networks,
+            inner,
+            timeout=settings.dns_timeout,
+            nameservers=settings.dns_servers,
+        )
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         check_host(host, self._allowed)
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            ip = host_ip(result["host"])
+        literal = host_ip(host.removesuffix("."))
+        if literal is not None:
+            # An odd spelling of an address (`0x7f.1`): dialled as the address it names, as
+            # getaddrinfo would, with no DNS query.
+            kind = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+            answer = Answer(((kind, str(literal)),), 0.0)
+        else:
+            answer = await self.lookups.lookup(host)
+        # Every address is judged, also those of the family not asked for: one bad address
+        # refuses the name.
+        for _, address in answer.addresses:
+            ip = host_ip(address)
             if ip is None:
                 raise BlockedAddressError(
-                    f"address not allowed: {host} resolved to {result['host']}"
+                    f"address not allowed: {host} resolves to something that is not an address"
                 )
             if reason := blocked_reason(ip, self._allowed):
-                raise BlockedAddressError(f"address not allowed: {host} resolved to {reason}")
+                raise BlockedAddressError(f"address not allowed: {host} resolves to {reason}")
+        results = [
+            ResolveResult(
+                hostname=host, host=address, port=port, family=kind, proto=0, flags=_NUMERIC
+            )
+            for kind, address in answer.addresses
+            if family in (socket.AF_UNSPEC, kind)
+        ]
+        if not results:
+            version = "IPv6" if family == socket.AF_INET6 else "IPv4"
+            raise LookupFailedError(f"{host} has no {version} address")
         return results
 
     async def close(self) -> None:
-        await self._inner.close()
+        await self.lookups.close()
