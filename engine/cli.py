@@ -8,11 +8,14 @@ import json
 import re
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.logs import setup_logging
 from engine.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from engine.store.accounts import IssuedKey, KeyInfo
 
 __all__ = ["main"]
 
@@ -69,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     key = keys.add_parser("create", help="create another API key for an account")
     key.add_argument("--account", required=True, metavar="ACCOUNT_ID")
     key.add_argument("--mode", default="test", choices=["test", "live"])
+    listing = keys.add_parser("list", help="list an account's API keys (never the keys)")
+    listing.add_argument("--account", required=True, metavar="ACCOUNT_ID")
+    revoke = keys.add_parser("revoke", help="revoke an API key: its requests get 401 at once")
+    revoke.add_argument("key_id", metavar="KEY_ID")
     return parser
 
 
@@ -91,12 +98,12 @@ async def _accounts(settings: Settings, args: argparse.Namespace) -> int:
 
     pool_conn = await _connect_db(settings)
     try:
-        account_id, api_key = await accounts.create_account(
+        issued = await accounts.create_account(
             pool_conn, name=args.name, plan=args.plan, mode=args.mode
         )
     finally:
         await pool_conn.close()
-    _print_json({"accountId": account_id, "apiKey": api_key})
+    _print_issued(issued)
     if args.plan not in WEBHOOK_PLANS:
         # Any plan name is allowed, so a typo of `business` would pass silently without this.
         sys.stderr.write(
@@ -106,19 +113,50 @@ async def _accounts(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_issued(issued: IssuedKey) -> None:
+    _print_json({"accountId": issued.account_id, "keyId": issued.key_id, "apiKey": issued.api_key})
+
+
+def _key_json(key: KeyInfo) -> dict[str, Any]:
+    from engine.core.times import rfc3339  # noqa: PLC0415
+
+    revoked = None if key.revoked_at is None else rfc3339(key.revoked_at)
+    return {
+        "keyId": key.key_id,
+        "mode": key.mode,
+        "createdAt": rfc3339(key.created_at),
+        "revokedAt": revoked,
+    }
+
+
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from engine.store import accounts  # noqa: PLC0415
 
     conn = await _connect_db(settings)
     try:
-        api_key = await accounts.create_key(conn, account_id=args.account, mode=args.mode)
+        if args.action == "create":
+            issued = await accounts.create_key(conn, account_id=args.account, mode=args.mode)
+            if issued is None:
+                return _fail(f"account {args.account} does not exist")
+            _print_issued(issued)
+        elif args.action == "list":
+            listed = await accounts.list_keys(conn, args.account)
+            if listed is None:
+                return _fail(f"account {args.account} does not exist")
+            _print_json([_key_json(k) for k in listed])
+        else:
+            revoked = await accounts.revoke_key(conn, args.key_id)
+            if revoked is None:
+                return _fail(f"API key {args.key_id} does not exist")
+            _print_json(_key_json(revoked))
     finally:
         await conn.close()
-    if api_key is None:
-        sys.stderr.write(f"account {args.account} does not exist\n")
-        return 1
-    _print_json({"accountId": args.account, "apiKey": api_key})
     return 0
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(message + "\n")
+    return 1
 
 
 async def _connect_db(settings: Settings) -> Any:

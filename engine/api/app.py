@@ -17,11 +17,12 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from engine.api import catalogue, deliveries, handlers
 from engine.api.auth import auth_middleware
 from engine.api.errors import error_middleware
-from engine.api.handlers import MAX_BODY, routes
 from engine.api.limits import KeyRateLimiter
 from engine.api.metrics import ApiMetrics, metrics_middleware
+from engine.api.requests import MAX_BODY
 from engine.api.state import BOX, DNS, LIMITER, METRICS, POOL, SENDER, SETTINGS, TEST_WRITES
 from engine.core.crypto import SecretBox
 from engine.delivery import Sender
@@ -63,7 +64,9 @@ def build_app(settings: Settings, *, pool: asyncpg.Pool[Any] | None = None) -> w
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    app.add_routes(routes)
+    app.add_routes(handlers.routes)
+    app.add_routes(deliveries.routes)
+    app.add_routes(catalogue.routes)
     app.add_routes(
         [
             web.get("/api/v1/openapi.json", openapi_json),

@@ -5,22 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from engine.api.auth import principal
 from engine.api.destination import check_destination
-from engine.api.errors import ApiError, bad_request
-from engine.api.state import BOX, DNS, POOL, SENDER, SETTINGS, TEST_WRITES
-from engine.api.validation import (
-    WEBHOOK_ID,
-    parse_create,
-    parse_delivery_filter,
-    parse_page,
-    parse_update,
+from engine.api.errors import ApiError
+from engine.api.requests import (
+    json_response,
+    read_json,
+    read_optional_json,
+    webhook_id_of,
+    webhook_not_found,
 )
+from engine.api.state import BOX, DNS, POOL, SENDER, SETTINGS, TEST_WRITES
+from engine.api.validation import parse_create, parse_page, parse_rotation, parse_update
 from engine.core.events import Event
 from engine.core.ids import delivery_id, new_id
 from engine.core.payload import build_body, sample_data
@@ -29,53 +29,9 @@ from engine.core.times import rfc3339
 from engine.delivery import Outcome
 from engine.store import deliveries, webhooks
 
-__all__ = ["MAX_BODY", "routes"]
+__all__ = ["routes"]
 
 log = logging.getLogger(__name__)
-
-MAX_BODY = 64 * 1024
-
-
-def _json(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
-
-
-def _too_large() -> ApiError:
-    return ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body: 413 over MAX_BODY, 415 unless JSON, 400 if malformed."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise _too_large()
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    chunks: list[bytes] = []
-    size = 0
-    # Counted as it streams in: a chunked body has no Content-Length to trust.
-    while chunk := await request.content.read(MAX_BODY + 1 - size):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _too_large()
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise bad_request("invalid_json", "request body is empty; expected a JSON object")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request("invalid_json", f"request body is not valid JSON: {exc}") from None
-
-
-def _webhook_id(request: web.Request) -> str:
-    value = request.match_info["id"]
-    if not WEBHOOK_ID.fullmatch(value):
-        raise _not_found(value)
-    return value
-
-
-def _not_found(webhook_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"webhook {webhook_id[:80]} not found")
 
 
 async def create_webhook(request: web.Request) -> web.Response:
@@ -102,7 +58,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         "webhook created",
         extra={"webhook_id": row["id"], "account_id": who.account_id, "mode": who.mode},
     )
-    return _json(webhooks.webhook_json(row, secret=secret), status=201)
+    return json_response(webhooks.webhook_json(row, secret=secret), status=201)
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
@@ -113,24 +69,24 @@ async def list_webhooks(request: web.Request) -> web.Response:
             conn, account_id=who.account_id, mode=who.mode, offset=offset, limit=limit
         )
     data = [webhooks.webhook_json(r) for r in rows]
-    return _json({"data": data, "offset": offset, "limit": limit, "total": total})
+    return json_response({"data": data, "offset": offset, "limit": limit, "total": total})
 
 
 async def get_webhook(request: web.Request) -> web.Response:
     who = principal(request)
-    webhook_id = _webhook_id(request)
+    webhook_id = webhook_id_of(request)
     async with request.app[POOL].acquire() as conn:
         row = await webhooks.get_webhook(
             conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
         )
     if row is None:
-        raise _not_found(webhook_id)
-    return _json(webhooks.webhook_json(row))
+        raise webhook_not_found(webhook_id)
+    return json_response(webhooks.webhook_json(row))
 
 
 async def update_webhook(request: web.Request) -> web.Response:
     who = principal(request)
-    webhook_id = _webhook_id(request)
+    webhook_id = webhook_id_of(request)
     settings = request.app[SETTINGS]
     changes = parse_update(await read_json(request), allow_http=settings.allow_http)
     if "url" in changes:
@@ -144,20 +100,20 @@ async def update_webhook(request: web.Request) -> web.Response:
             changes=changes,
         )
     if row is None:
-        raise _not_found(webhook_id)
+        raise webhook_not_found(webhook_id)
     log.info("webhook updated", extra={"webhook_id": webhook_id, "fields": sorted(changes)})
-    return _json(webhooks.webhook_json(row))
+    return json_response(webhooks.webhook_json(row))
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
     who = principal(request)
-    webhook_id = _webhook_id(request)
+    webhook_id = webhook_id_of(request)
     async with request.app[POOL].acquire() as conn:
         deleted = await webhooks.delete_webhook(
             conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
         )
     if not deleted:
-        raise _not_found(webhook_id)
+        raise webhook_not_found(webhook_id)
     log.info("webhook deleted", extra={"webhook_id": webhook_id})
     return web.Response(status=204)
 
@@ -165,11 +121,11 @@ async def delete_webhook(request: web.Request) -> web.Response:
 async def test_webhook(request: web.Request) -> web.Response:
     """Make one real, signed delivery now and return its record. Inactive webhooks too."""
     who = principal(request)
-    webhook_id = _webhook_id(request)
+    webhook_id = webhook_id_of(request)
     pool = request.app[POOL]
     target = await webhooks.load_one(pool, webhook_id, request.app[BOX])
     if target is None or (target.account_id, target.mode) != (who.account_id, who.mode):
-        raise _not_found(webhook_id)
+        raise webhook_not_found(webhook_id)
     # Opened before anything is recorded: a secret this API cannot open leaves no delivery.
     secret, next_secret = target.signing_secrets(datetime.now(UTC))
 
@@ -229,7 +185,7 @@ async def test_webhook(request: web.Request) -> web.Response:
             "error_class": outcome.error_class,
         },
     )
-    return _json(deliveries.delivery_json(row))
+    return json_response(deliveries.delivery_json(row))
 
 
 async def _record(app: web.Application, records: list[deliveries.AttemptRecord]) -> None:
@@ -261,22 +217,25 @@ def _test_attempt(
     )
 
 
-async def list_webhook_deliveries(request: web.Request) -> web.Response:
+async def rotate_secret(request: web.Request) -> web.Response:
+    """Make a new signing secret (shown once); the previous one keeps signing for the overlap."""
     who = principal(request)
-    webhook_id = _webhook_id(request)
-    offset, limit = parse_page(request.query)
-    filters = parse_delivery_filter(request.query)
+    webhook_id = webhook_id_of(request)
+    overlap = parse_rotation(await read_optional_json(request))
     async with request.app[POOL].acquire() as conn:
-        found = await webhooks.get_webhook(
-            conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
+        rotated = await webhooks.rotate_secret(
+            conn,
+            account_id=who.account_id,
+            mode=who.mode,
+            webhook_id=webhook_id,
+            overlap_seconds=overlap,
+            box=request.app[BOX],
         )
-        if found is None:
-            raise _not_found(webhook_id)
-        rows, total = await deliveries.list_deliveries(
-            conn, webhook_id, filters, offset=offset, limit=limit
-        )
-    data = [deliveries.delivery_json(r) for r in rows]
-    return _json({"data": data, "offset": offset, "limit": limit, "total": total})
+    if rotated is None:
+        raise webhook_not_found(webhook_id)
+    row, secret = rotated
+    log.info("webhook secret rotated", extra={"webhook_id": webhook_id, "overlap_s": overlap})
+    return json_response(webhooks.webhook_json(row, secret=secret))
 
 
 routes = [
@@ -286,5 +245,5 @@ routes = [
     web.put("/api/v1/webhooks/{id}", update_webhook),
     web.delete("/api/v1/webhooks/{id}", delete_webhook),
     web.post("/api/v1/webhooks/{id}/test", test_webhook),
-    web.get("/api/v1/webhooks/{id}/deliveries", list_webhook_deliveries),
+    web.post("/api/v1/webhooks/{id}/rotate-secret", rotate_secret),
 ]

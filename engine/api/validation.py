@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from multidict import MultiMapping
@@ -26,7 +27,10 @@ __all__ = [
     "WebhookInput",
     "parse_create",
     "parse_delivery_filter",
+    "parse_empty",
     "parse_page",
+    "parse_recover",
+    "parse_rotation",
     "parse_update",
 ]
 
@@ -36,6 +40,14 @@ MAX_LIMIT = 100
 WEBHOOK_ID = re.compile(r"wh_[a-z0-9]{12,64}")  # use with fullmatch: `$` allows a final newline
 _FIELDS = ("url", "events", "active", "description")
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+DEFAULT_OVERLAP = 86_400
+MAX_OVERLAP = 604_800  # a week
+# RFC 3339's date-time: a full date, `T`, a time and an offset (`Z` or ±hh:mm).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})",
+    re.ASCII,
+)
 _INTEGER = re.compile(r"[0-9]{1,9}", re.ASCII)
 
 
@@ -47,14 +59,13 @@ class WebhookInput:
     description: str | None
 
 
-def _object(body: Any) -> Mapping[str, Any]:
+def _object(body: Any, allowed: tuple[str, ...] = _FIELDS) -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("invalid_body", "request body must be a JSON object")
     for name in body:
-        if name not in _FIELDS:
-            raise bad_request(
-                "unknown_field", f"unknown field {name!r}; allowed: {', '.join(_FIELDS)}", name
-            )
+        if name not in allowed:
+            hint = f"allowed: {', '.join(allowed)}" if allowed else "this request takes none"
+            raise bad_request("unknown_field", f"unknown field {name[:100]!r}; {hint}", name)
     return body
 
 
@@ -185,3 +196,58 @@ def parse_delivery_filter(query: MultiMapping[str]) -> DeliveryFilter:
         status=_choice(query, "status", DELIVERY_STATUSES),
         event_type=_choice(query, "event", EVENT_TYPES),
     )
+
+
+def parse_empty(body: Any) -> None:
+    """A body that must say nothing: {} (or none at all); any field is unknown."""
+    _object(body, ())
+
+
+def parse_rotation(body: Any) -> int:
+    """The overlap of a secret rotation in seconds: `overlapSeconds`, 0 to a week (a day)."""
+    fields = _object(body, ("overlapSeconds",))
+    value = fields.get("overlapSeconds", DEFAULT_OVERLAP)
+    # JSON has one number type: 60.0 is the integer 60 (as JSON Schema's "integer" says), 60.5
+    # is not; true is not a number at all.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(
+            "invalid_type", "overlapSeconds must be an integer number of seconds", "overlapSeconds"
+        )
+    if not 0 <= value <= MAX_OVERLAP:
+        raise bad_request(
+            "invalid_value",
+            f"overlapSeconds must be from 0 to {MAX_OVERLAP} (a week), got {value}",
+            "overlapSeconds",
+        )
+    return value
+
+
+def _instant(fields: Mapping[str, Any], name: str) -> datetime | None:
+    if name not in fields:
+        return None
+    value = fields[name]
+    if not isinstance(value, str):
+        raise bad_request("invalid_type", f"{name} must be an RFC 3339 date-time string", name)
+    problem = f"{name} must be an RFC 3339 date-time such as 2026-12-01T00:00:00Z"
+    if not _RFC3339.fullmatch(value):
+        raise bad_request("invalid_value", f"{problem}, got {value[:40]!r}", name)
+    try:
+        return datetime.fromisoformat(value.upper()).astimezone(UTC)
+    # Well formed but no such instant (2026-02-30, 25:00), or out of range in UTC (year 10000).
+    except (ValueError, OverflowError):
+        raise bad_request("invalid_value", f"{problem}, got {value[:40]!r}", name) from None
+
+
+def parse_recover(body: Any, now: datetime) -> tuple[datetime, datetime | None]:
+    """(since, until) of a recover request; until is None when not given (now, then)."""
+    fields = _object(body, ("since", "until"))
+    since = _instant(fields, "since")
+    if since is None:
+        raise bad_request("missing_field", "since is required", "since")
+    until = _instant(fields, "until")
+    if since > (now if until is None else until):
+        end = "until" if until is not None else "now"
+        raise bad_request("invalid_value", f"since must not be after {end}", "since")
+    return since, until

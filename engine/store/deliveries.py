@@ -15,6 +15,7 @@ from engine.core.times import rfc3339
 
 __all__ = [
     "EXACT_TOTAL",
+    "RECORD_COLUMNS",
     "STILL_PENDING",
     "AttemptRecord",
     "DeliveryFilter",
@@ -39,7 +40,8 @@ Conn: TypeAlias = (
 # statements took 20-50 ms each. The CHECK constraint on status makes the two forms equal.
 STILL_PENDING = "d.status NOT IN ('succeeded', 'failed')"
 
-_RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, response_status,
+# The columns of a delivery record (`delivery_json`).
+RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, response_status,
     response_time_ms, error, created_at, last_attempt_at, next_attempt_at"""
 
 
@@ -188,7 +190,7 @@ async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:
 
 async def get_delivery(conn: Conn, delivery_id: str) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {_RECORD_COLUMNS} FROM deliveries WHERE id = $1", delivery_id
+        f"SELECT {RECORD_COLUMNS} FROM deliveries WHERE id = $1", delivery_id
     )
     return row
 
@@ -231,7 +233,7 @@ async def list_deliveries(
     n = len(args)
     if offset < ANCHORED_FROM:
         rows: list[asyncpg.Record] = await conn.fetch(
-            f"""SELECT {_RECORD_COLUMNS} FROM deliveries WHERE {condition}
+            f"""SELECT {RECORD_COLUMNS} FROM deliveries WHERE {condition}
                 ORDER BY created_at DESC, id DESC OFFSET ${n + 1} LIMIT ${n + 2}""",
             *args,
             offset,
@@ -263,7 +265,7 @@ async def _anchored_page(
     if anchor is None:
         return []
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""SELECT {_RECORD_COLUMNS} FROM deliveries
+        f"""SELECT {RECORD_COLUMNS} FROM deliveries
             WHERE {condition} AND (created_at, id) <= (${n + 1}, ${n + 2})
             ORDER BY created_at DESC, id DESC LIMIT ${n + 3}""",
         *args,
@@ -288,7 +290,7 @@ def _optional_rfc3339(value: datetime | None) -> str | None:
 
 
 def delivery_json(row: asyncpg.Record) -> dict[str, Any]:
-    """The delivery record of CONTRACT §1."""
+    """The delivery record of docs/contract.md §1."""
     return {
         "id": row["id"],
         "webhookId": row["webhook_id"],

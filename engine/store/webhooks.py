@@ -3,7 +3,8 @@
 Every change runs in one transaction that also sends `NOTIFY cargolint_webhooks, '<id>'`, so
 workers refresh their cache only once the change is committed. Deleting is soft (`deleted_at`):
 delivery history stays, and a deleted webhook is 404 everywhere after. Deleting or deactivating
-a webhook ends its pending deliveries as `failed`.
+a webhook ends its pending deliveries as `failed`; re-activating one the engine disabled clears
+why it was disabled. Rotating the secret keeps the previous one signing for an overlap.
 
 For the worker: `load_active` (every active webhook) and `load_one` (one webhook after a NOTIFY)
 return `WebhookTarget`s with the signing secret already opened.
@@ -33,6 +34,7 @@ __all__ = [
     "list_webhooks",
     "load_active",
     "load_one",
+    "rotate_secret",
     "update_webhook",
     "webhook_json",
 ]
@@ -41,7 +43,10 @@ __all__ = [
 Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
 
 UPDATABLE = ("url", "events", "active", "description")
-_COLUMNS = "id, url, events, active, description, created_at, updated_at"
+# The previous secret's expiry is shown only while it still signs (by the database's clock).
+_COLUMNS = """id, url, events, active, description, created_at, updated_at, disabled_reason,
+    disabled_at, CASE WHEN previous_secret_expires_at > now() THEN previous_secret_expires_at
+                 END AS previous_secret_expires_at"""
 _TARGET_COLUMNS = (
     "id, account_id, mode, url, events, secret, active, previous_secret, previous_secret_expires_at"
 )
@@ -101,8 +106,13 @@ class WebhookTarget:
         return self.secret, None
 
 
+def _optional_rfc3339(value: datetime | None) -> str | None:
+    return None if value is None else rfc3339(value)
+
+
 def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str, Any]:
-    """The webhook object of CONTRACT §1; `secret` only for the create response."""
+    """The webhook object of docs/contract.md §1 and §6; `secret` only when one was just made
+    (create and rotate-secret)."""
     body: dict[str, Any] = {
         "id": row["id"],
         "url": row["url"],
@@ -111,6 +121,9 @@ def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str,
         "description": row["description"],
         "createdAt": rfc3339(row["created_at"]),
         "updatedAt": rfc3339(row["updated_at"]),
+        "previousSecretExpiresAt": _optional_rfc3339(row["previous_secret_expires_at"]),
+        "disabledReason": row["disabled_reason"],
+        "disabledAt": _optional_rfc3339(row["disabled_at"]),
     }
     if secret is not None:
         body["secret"] = secret
@@ -220,7 +233,10 @@ async def update_webhook(
 ) -> asyncpg.Record | None:
     """Apply `changes` (a subset of UPDATABLE) and return the updated row, or None if not found.
 
-    Deactivating ends the webhook's pending deliveries. With no changes, nothing is written.
+    Deactivating ends the webhook's pending deliveries. Activating an inactive webhook clears
+    why the engine disabled it and its run of failures, so it gets a whole new grace period;
+    `active: true` on an active webhook leaves a run of failures counting. With no changes,
+    nothing is written.
     """
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
@@ -234,6 +250,12 @@ async def update_webhook(
             value = changes[column]
             args.append(list(value) if column == "events" else value)
             sets.append(f"{column} = ${len(args)}")
+    if changes.get("active") is True:
+        # `active` on the right-hand side is the row's value before this update.
+        sets.extend(
+            f"{column} = CASE WHEN active THEN {column} END"
+            for column in ("disabled_reason", "disabled_at", "failing_since")
+        )
     async with conn.transaction():
         row: asyncpg.Record | None = await conn.fetchrow(
             f"""UPDATE webhooks SET {", ".join(sets)}
@@ -265,6 +287,45 @@ async def delete_webhook(conn: Conn, *, account_id: str, mode: str, webhook_id: 
         await _end_pending(conn, webhook_id, "webhook deleted")
         await _notify(conn, webhook_id)
     return True
+
+
+async def rotate_secret(
+    conn: Conn,
+    *,
+    account_id: str,
+    mode: str,
+    webhook_id: str,
+    overlap_seconds: int,
+    box: SecretBox,
+) -> tuple[asyncpg.Record, str] | None:
+    """Give the webhook a new signing secret; return its row and the new plain secret (shown
+    once), or None if not found.
+
+    With an overlap, the secret being replaced keeps signing `X-CargoLint-Signature` for
+    `overlap_seconds` (sealed as it was stored); a previous secret still in its overlap is
+    dropped. With 0, the new secret signs alone at once.
+    """
+    secret = new_webhook_secret(mode)
+    async with conn.transaction():
+        row: asyncpg.Record | None = await conn.fetchrow(
+            f"""UPDATE webhooks SET
+                    previous_secret = CASE WHEN $4 > 0 THEN secret END,
+                    previous_secret_expires_at =
+                        CASE WHEN $4 > 0 THEN now() + make_interval(secs => $4) END,
+                    secret = $5,
+                    updated_at = now()
+                WHERE id = $1 AND account_id = $2 AND mode = $3 AND deleted_at IS NULL
+                RETURNING {_COLUMNS}""",
+            webhook_id,
+            account_id,
+            mode,
+            overlap_seconds,
+            box.seal(secret),
+        )
+        if row is None:
+            return None
+        await _notify(conn, webhook_id)
+    return row, secret
 
 
 def _target(row: asyncpg.Record, box: SecretBox) -> WebhookTarget:

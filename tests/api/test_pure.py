@@ -206,8 +206,13 @@ def test_webhook_json_timestamps_are_utc_z(stamp: datetime, text: str) -> None:
         "description": None,
         "created_at": stamp,
         "updated_at": stamp,
+        "previous_secret_expires_at": stamp,
+        "disabled_reason": "gone",
+        "disabled_at": stamp,
     }
     body = webhook_json(row)  # type: ignore[arg-type]
     assert body["createdAt"] == body["updatedAt"] == text
+    assert body["previousSecretExpiresAt"] == body["disabledAt"] == text
+    assert body["disabledReason"] == "gone"
     assert "secret" not in body
     assert webhook_json(row, secret="whsec_test_x")["secret"] == "whsec_test_x"  # type: ignore[arg-type]

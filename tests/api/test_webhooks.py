@@ -41,7 +41,8 @@ async def test_create_returns_the_webhook_with_its_secret(client: Client) -> Non
     assert status == 201
     assert headers["Content-Type"].startswith("application/json")
     assert set(body) == {
-        "id", "url", "events", "active", "description", "createdAt", "updatedAt", "secret"
+        "id", "url", "events", "active", "description", "createdAt", "updatedAt", "secret",
+        "previousSecretExpiresAt", "disabledReason", "disabledAt",
     }  # fmt: skip
     assert re.fullmatch(r"wh_[a-z0-9]{12,}", body["id"])
     assert re.fullmatch(r"whsec_test_[a-z0-9]{40}", body["secret"])
@@ -51,6 +52,7 @@ async def test_create_returns_the_webhook_with_its_secret(client: Client) -> Non
     assert body["description"] == "ops"
     assert TIMESTAMP.match(body["createdAt"])
     assert body["createdAt"] == body["updatedAt"]
+    assert body["previousSecretExpiresAt"] is body["disabledReason"] is body["disabledAt"] is None
 
 
 async def test_live_key_gets_a_live_secret(
@@ -214,9 +216,9 @@ async def test_isolation_across_accounts_and_modes_is_404(
     async with pool.acquire() as conn:
         from engine.store.accounts import create_key
 
-        live_key = await create_key(conn, account_id=owner.id, mode="live")
-    assert live_key is not None and live_key.startswith("sk_live_")
-    live = Client(http, api, live_key)
+        issued = await create_key(conn, account_id=owner.id, mode="live")
+    assert issued is not None and issued.api_key.startswith("sk_live_")
+    live = Client(http, api, issued.api_key)
 
     for stranger in (other, live):
         for method, path, payload in [

@@ -140,9 +140,8 @@ class ChaosRun:
         await migrate(self.database_url)
         conn = await asyncpg.connect(self.database_url)
         try:
-            self.account_id, _ = await create_account(
-                conn, name="Chaos", plan="business", mode="test"
-            )
+            issued = await create_account(conn, name="Chaos", plan="business", mode="test")
+            self.account_id = issued.account_id
             for url in urls:
                 row, _ = await create_webhook(
                     conn,
