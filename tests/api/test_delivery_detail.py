@@ -28,6 +28,7 @@ async def test_a_test_delivery_shows_the_very_body_the_receiver_got(
     created = await client.create(f"{receiver.url}/hook", ["compliance.warning"])
     _, record, _ = await client.call("POST", f"/api/v1/webhooks/{created['id']}/test")
     path = f"/api/v1/webhooks/{created['id']}/deliveries/{record['id']}"
+    assert client.key is not None
     async with client.http.get(client.base + path, headers={"X-API-Key": client.key}) as answer:
         assert answer.status == 200
         raw = await answer.read()

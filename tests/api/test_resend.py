@@ -18,7 +18,7 @@ from tests.conftest import with_
 
 
 async def _row(pool: asyncpg.Pool[Any], dlv: str) -> asyncpg.Record:
-    row = await pool.fetchrow(
+    row: asyncpg.Record | None = await pool.fetchrow(
         """SELECT status, attempts, retry_base, claimed_by, next_attempt_at,
                   next_attempt_at <= now() AS due, created_at
            FROM deliveries WHERE id = $1""",
@@ -68,7 +68,7 @@ async def test_refusals_in_their_order(
 ) -> None:
     active = await client.create(HOOK)
     inactive = await client.create(HOOK, active=False)
-    cases = [
+    cases: list[tuple[Any, dict[str, Any], str]] = [
         (active, {"status": "pending"}, "delivery_pending"),
         (active, {"status": "failed", "attempts": 1, "is_test": True}, "not_resendable"),
         (active, {"status": "succeeded", "attempts": 1, "is_test": True}, "not_resendable"),
