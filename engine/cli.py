@@ -98,7 +98,7 @@ async def _accounts(settings: Settings, args: argparse.Namespace) -> int:
 
     pool_conn = await _connect_db(settings)
     try:
-        issued = await accounts.create_account(
+        issued = await accounts.open_account(
             pool_conn, name=args.name, plan=args.plan, mode=args.mode
         )
     finally:

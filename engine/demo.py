@@ -205,12 +205,11 @@ async def _walk_through(
 ) -> int:
     conn = await connect(settings.database_url)
     try:
-        issued = await accounts.create_account(
+        account_id, api_key = await accounts.create_account(
             conn, name="Demo Freight Ltd", plan="business", mode="live"
         )
     finally:
         await conn.close()
-    account_id, api_key = issued.account_id, issued.api_key
     say(f"  account {account_id} (business plan) with a live API key sk_live_…")
     headers = {"X-API-Key": api_key}
 

@@ -24,6 +24,7 @@ __all__ = [
     "create_account",
     "create_key",
     "list_keys",
+    "open_account",
     "revoke_key",
 ]
 
@@ -80,7 +81,7 @@ async def _insert_key(conn: Conn, account_id: str, mode: str) -> IssuedKey:
     return IssuedKey(account_id, key_id, key)
 
 
-async def create_account(
+async def open_account(
     conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
     *,
     name: str,
@@ -94,6 +95,18 @@ async def create_account(
             "INSERT INTO accounts (id, name, plan) VALUES ($1, $2, $3)", account_id, name, plan
         )
         return await _insert_key(conn, account_id, mode)
+
+
+async def create_account(
+    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    *,
+    name: str,
+    plan: str,
+    mode: str,
+) -> tuple[str, str]:
+    """Create an account with its first API key; return (account id, key plaintext)."""
+    issued = await open_account(conn, name=name, plan=plan, mode=mode)
+    return issued.account_id, issued.api_key
 
 
 async def create_key(conn: Conn, *, account_id: str, mode: str) -> IssuedKey | None:

@@ -64,8 +64,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 def make_account(pool: asyncpg.Pool[Any]) -> MakeAccount:
     async def make(plan: str = "business", mode: str = "test") -> Account:
         async with pool.acquire() as conn:
-            issued = await create_account(conn, name="Acme", plan=plan, mode=mode)
-        return Account(issued.account_id, issued.api_key)
+            account_id, key = await create_account(conn, name="Acme", plan=plan, mode=mode)
+        return Account(account_id, key)
 
     return make
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from engine.core.ids import random_token
 from engine.delivery import Sender
 from engine.settings import Settings
-from engine.store.accounts import create_account
+from engine.store.accounts import open_account
 from engine.store.db import create_pool
 from engine.store.migrate import migrate
 from engine.worker.main import Worker
@@ -64,7 +64,7 @@ async def stack(settings: Settings, http: aiohttp.ClientSession) -> AsyncIterato
             worker = Worker(own, pool=pool, sender=sender)
             try:
                 async with pool.acquire() as conn:
-                    issued = await create_account(conn, name="E2E", plan="business", mode="live")
+                    issued = await open_account(conn, name="E2E", plan="business", mode="live")
                 await worker.start()
                 async with Publisher(amqp_url) as publisher:
                     client = Client(http, base, issued.api_key)

@@ -140,8 +140,9 @@ class ChaosRun:
         await migrate(self.database_url)
         conn = await asyncpg.connect(self.database_url)
         try:
-            issued = await create_account(conn, name="Chaos", plan="business", mode="test")
-            self.account_id = issued.account_id
+            self.account_id, _ = await create_account(
+                conn, name="Chaos", plan="business", mode="test"
+            )
             for url in urls:
                 row, _ = await create_webhook(
                     conn,

@@ -33,8 +33,7 @@ async def test_refusals_are_recorded_and_nothing_reaches_the_receiver(
     ]
     conn = await asyncpg.connect(url)
     try:
-        issued = await create_account(conn, name="Ssrf", plan="business", mode="test")
-        account, api_key = issued.account_id, issued.api_key
+        account, api_key = await create_account(conn, name="Ssrf", plan="business", mode="test")
         webhook_ids = []
         for target in targets:
             row, _ = await create_webhook(
