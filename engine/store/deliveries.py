@@ -12,6 +12,7 @@ import orjson
 
 from engine.core.events import Event
 from engine.core.times import rfc3339
+from engine.store.delivery_counts import page_start
 
 __all__ = [
     "EXACT_TOTAL",
@@ -209,6 +210,9 @@ EXACT_TOTAL = 10_000
 # `offset` index entries) and then read by keyset: an OFFSET over whole rows would read the
 # table's row of every delivery it skips.
 ANCHORED_FROM = 1_000
+# From this offset on, a webhook whose hours are counted has its page found from the counts
+# (engine/store/delivery_counts.py): the skip is then inside one hour.
+COUNTED_FROM = 20_000
 
 
 async def list_deliveries(
@@ -218,8 +222,8 @@ async def list_deliveries(
 
     The page is read from deliveries_by_webhook, or, filtered, from deliveries_by_status or
     deliveries_by_event (migration 0012), in index order: no sort, however long the history.
-    `total` is counted up to `EXACT_TOTAL` + 1 matching deliveries at most; past that it is
-    the planner's estimate, at least `EXACT_TOTAL` + 1 and at least the rows up to this page.
+    `total` is counted up to `EXACT_TOTAL` + 1 matching deliveries at most; past that it is an
+    estimate (see `_estimate`), at least `EXACT_TOTAL` + 1 and the rows up to this page.
     """
     args: list[Any] = [webhook_id]
     where = ["webhook_id = $1"]
@@ -231,6 +235,11 @@ async def list_deliveries(
             where.append(f"{column} = ${len(args)}")
     condition = " AND ".join(where)
     n = len(args)
+    start = None
+    if offset >= COUNTED_FROM:
+        start = await page_start(
+            conn, webhook_id, status=filters.status, event_type=filters.event_type, offset=offset
+        )
     if offset < ANCHORED_FROM:
         rows: list[asyncpg.Record] = await conn.fetch(
             f"""SELECT {RECORD_COLUMNS} FROM deliveries WHERE {condition}
@@ -239,8 +248,14 @@ async def list_deliveries(
             offset,
             limit,
         )
+    elif start is None:
+        rows = await _anchored_page(conn, condition, args, before=None, skip=offset, limit=limit)
+    elif start.past_end:
+        rows = []
     else:
-        rows = await _anchored_page(conn, condition, args, offset, limit)
+        rows = await _anchored_page(
+            conn, condition, args, before=start.before, skip=start.skip, limit=limit
+        )
     counted: int = await conn.fetchval(
         f"SELECT count(*) FROM (SELECT FROM deliveries WHERE {condition} LIMIT ${n + 1}) c",
         *args,
@@ -248,19 +263,31 @@ async def list_deliveries(
     )
     if counted <= EXACT_TOTAL:
         return rows, counted
-    floor = max(EXACT_TOTAL + 1, offset + len(rows))
+    floor = max(EXACT_TOTAL + 1, offset + len(rows) if rows else 0)
+    if start is not None:
+        return rows, max(floor, start.total)
     return rows, max(floor, await _estimate(conn, condition, args))
 
 
 async def _anchored_page(
-    conn: Conn, condition: str, args: list[Any], offset: int, limit: int
+    conn: Conn,
+    condition: str,
+    args: list[Any],
+    *,
+    before: datetime | None,
+    skip: int,
+    limit: int,
 ) -> list[asyncpg.Record]:
+    """Skip `skip` matching deliveries (created before `before`) by an index-only scan, then
+    read the page from the key found."""
     n = len(args)
+    bound = f"AND created_at < ${n + 2}" if before is not None else ""
     anchor = await conn.fetchrow(
-        f"""SELECT created_at, id FROM deliveries WHERE {condition}
+        f"""SELECT created_at, id FROM deliveries WHERE {condition} {bound}
             ORDER BY created_at DESC, id DESC OFFSET ${n + 1} LIMIT 1""",
         *args,
-        offset,
+        skip,
+        *([before] if before is not None else []),
     )
     if anchor is None:
         return []
@@ -277,7 +304,18 @@ async def _anchored_page(
 
 
 async def _estimate(conn: Conn, condition: str, args: list[Any]) -> int:
-    """The planner's estimate of the matching rows (from the table's statistics)."""
+    """More than `EXACT_TOTAL` match: the webhook's counted hours plus the `EXACT_TOTAL` + 1
+    counted from the newest (short by the uncounted newest hour or two beyond that), or, for a
+    webhook whose hours are not counted, the planner's estimate from the table's statistics."""
+    counted: int | None = await conn.fetchval(
+        f"""SELECT sum(n)::bigint FROM (
+                SELECT n FROM delivery_counts WHERE {condition}
+                UNION ALL
+                SELECT n FROM delivery_count_changes WHERE {condition}) c""",
+        *args,
+    )
+    if counted is not None:
+        return counted + EXACT_TOTAL + 1
     plan = await conn.fetchval(
         f"EXPLAIN (FORMAT JSON) SELECT FROM deliveries WHERE {condition}", *args
     )

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from engine.core.ids import delivery_id
+from engine.store.delivery_counts import Removal, subtract
 
 __all__ = [
     "PURGE_LOCK",
@@ -74,7 +75,7 @@ _DELETE_DELIVERIES = f"""
         FOR UPDATE SKIP LOCKED)
     DELETE FROM deliveries d USING doomed
     WHERE d.id = doomed.id AND d.status IN ('succeeded', 'failed')
-    RETURNING d.id, d.account_id, d.event_id"""
+    RETURNING d.id, d.account_id, d.event_id, d.webhook_id, d.created_at, d.status, d.event_type"""
 
 
 async def purge_batch(conn: asyncpg.Connection[Any], cutoff: datetime, limit: int) -> Removed:
@@ -85,6 +86,10 @@ async def purge_batch(conn: asyncpg.Connection[Any], cutoff: datetime, limit: in
         if not rows:
             return Removed()
         ids = [r["id"] for r in rows]
+        await subtract(
+            conn,
+            [Removal(r["webhook_id"], r["created_at"], r["status"], r["event_type"]) for r in rows],
+        )
         attempts = await conn.execute(
             "DELETE FROM delivery_attempts WHERE delivery_id = ANY($1::text[])", ids
         )

@@ -6,7 +6,9 @@ older than the retention in batches of `BATCH` rows, pausing between batches so 
 uses at most about a quarter of one Postgres backend, for at most `RUN_BUDGET` seconds before it
 lets the lock go. A run that stopped with work left is followed by another at once; otherwise
 the next starts after `EVERY` seconds, so a delivery disappears well within a minute of passing
-the retention.
+the retention. Under the same lock, a run folds the changes recorded to the delivery lists'
+per-hour counts, and every `COUNT_EVERY` seconds counts the hours that settled
+(engine/store/delivery_counts.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from engine.settings import Settings
 from engine.store.db import connect
+from engine.store.delivery_counts import count_hours, fold_changes
 from engine.store.retention import (
     Removed,
     oldest_finished,
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 EVERY = 15.0
 BATCH = 2000
 RUN_BUDGET = 10.0
+# How often a run also counts the hours that settled for long delivery lists (hours settle once
+# an hour; this also notices a webhook whose history grew long enough to be counted).
+COUNT_EVERY = 600.0
 # Pause after each batch for this many times as long as the batch took: the purge then uses
 # at most 1 / (1 + PAUSE_FACTOR) of a Postgres backend while it catches up with a backlog.
 PAUSE_FACTOR = 3.0
@@ -67,6 +73,7 @@ class Purger:
         self._batch = batch
         self._budget = budget
         self._tasks: list[asyncio.Task[None]] = []
+        self._count_at = float("-inf")
 
     @property
     def tasks(self) -> tuple[asyncio.Task[None], ...]:
@@ -87,6 +94,7 @@ class Purger:
         started = time.perf_counter()
         removed = Removed()
         more = False
+        counted = 0
         # A connection of its own: closing it lets the session lock go, whatever happened.
         conn = await connect(self._dsn)
         try:
@@ -102,6 +110,10 @@ class Purger:
                 if not more or time.perf_counter() - started >= self._budget:
                     break
                 await asyncio.sleep((time.perf_counter() - batch_started) * PAUSE_FACTOR)
+            if time.monotonic() >= self._count_at:
+                counted = await count_hours(conn, datetime.now(UTC))
+                self._count_at = time.monotonic() + COUNT_EVERY
+            folded = await fold_changes(conn)
             oldest = await oldest_finished(conn)
         finally:
             await conn.close()
@@ -117,6 +129,8 @@ class Purger:
                 "events": removed.events,
                 "seconds": round(seconds, 3),
                 "more": more,
+                "webhooks_counted": counted,
+                "count_changes_folded": folded,
             },
         )
         return RunResult(held=True, removed=removed, more=more, seconds=seconds)

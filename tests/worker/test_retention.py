@@ -1,7 +1,8 @@
 """Retention against the real database: what a purge removes, what it keeps, one purger at a time.
 
 Deliveries are made as the worker makes them (tests.api.deliveries.add_delivery) and dated back
-by hand; the purge runs with a retention of an hour, so "old" is two hours and "young" a minute.
+by hand; the purge runs with a retention of 30 days, so "old" is 30 days and two hours and
+"young" a minute.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.worker.conftest import StartWorker
 from tests.worker.helpers import event_data, make_account, make_webhook
 
 URL = "https://receiver.example/hook"
+RETENTION = 30 * 86400.0
 HOUR = 3600.0
 
 
@@ -90,7 +92,7 @@ async def _nothing_old_left(pool: asyncpg.Pool[Any], settings: Settings) -> None
 
 
 def _purger(settings: Settings, metrics: Metrics | None = None, **kwargs: Any) -> Purger:
-    return Purger(with_(settings, retention=HOUR), metrics=metrics or Metrics(), **kwargs)
+    return Purger(with_(settings, retention=RETENTION), metrics=metrics or Metrics(), **kwargs)
 
 
 async def _drain(purger: Purger) -> int:
@@ -133,19 +135,37 @@ async def test_old_finished_deliveries_go_with_their_attempts_and_events(
     hook, _ = await make_webhook(pool, settings, account, URL)
     old = [
         await add_delivery(
-            pool, hook, account, mode="live", status=s, attempts=1, created_at=_ago(2 * HOUR)
+            pool,
+            hook,
+            account,
+            mode="live",
+            status=s,
+            attempts=1,
+            created_at=_ago(RETENTION + 2 * HOUR),
         )
         for s in ("succeeded", "failed", "failed")
     ]
     old_pending = await add_delivery(
-        pool, hook, account, mode="live", status="pending", attempts=3, created_at=_ago(90 * HOUR)
+        pool,
+        hook,
+        account,
+        mode="live",
+        status="pending",
+        attempts=3,
+        created_at=_ago(RETENTION + 90 * HOUR),
     )
     young = await add_delivery(
         pool, hook, account, mode="live", status="succeeded", attempts=1, created_at=_ago(60)
     )
     # Just inside the retention: kept.
     edge = await add_delivery(
-        pool, hook, account, mode="live", status="failed", attempts=1, created_at=_ago(HOUR - 60)
+        pool,
+        hook,
+        account,
+        mode="live",
+        status="failed",
+        attempts=1,
+        created_at=_ago(RETENTION - 60),
     )
     for d in [*old, old_pending, young, edge]:
         await _attempt(pool, d)
@@ -166,7 +186,7 @@ async def test_old_finished_deliveries_go_with_their_attempts_and_events(
     assert _sample(metrics, "retention_removed_total", table="delivery_attempts") == 3
     assert _sample(metrics, "retention_removed_total", table="events") == 3
     # The oldest finished delivery left is the one just inside the retention.
-    assert HOUR - 120 < _sample(metrics, "retention_oldest_kept_seconds") < HOUR
+    assert RETENTION - 120 < _sample(metrics, "retention_oldest_kept_seconds") < RETENTION
 
 
 async def test_an_event_stays_while_another_webhooks_delivery_needs_it(
@@ -182,12 +202,12 @@ async def test_an_event_stays_while_another_webhooks_delivery_needs_it(
     c_event, c = await _shared_event(pool, account, hooks)
     await pool.execute(
         """UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL,
-                  created_at = now() - interval '2 hours'
+                  created_at = now() - interval '31 days'
            WHERE id = ANY($1::text[])""",
         [*a, *b[:2], *c[:2]],
     )
     await pool.execute(
-        "UPDATE deliveries SET created_at = now() - interval '2 hours' WHERE id = $1", b[2]
+        "UPDATE deliveries SET created_at = now() - interval '31 days' WHERE id = $1", b[2]
     )
     await pool.execute(
         "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL WHERE id = $1", c[2]
@@ -212,7 +232,7 @@ async def test_batches_reach_everything_old(pool: asyncpg.Pool[Any], settings: S
             mode="live",
             status="succeeded",
             attempts=1,
-            created_at=_ago(2 * HOUR + i),
+            created_at=_ago(RETENTION + 2 * HOUR + i),
         )
         for i in range(7)
     ]
@@ -232,7 +252,13 @@ async def test_a_purge_in_progress_elsewhere_makes_a_run_skip(
     hook, _ = await make_webhook(pool, settings, account, URL)
     old = [
         await add_delivery(
-            pool, hook, account, mode="live", status="failed", attempts=1, created_at=_ago(2 * HOUR)
+            pool,
+            hook,
+            account,
+            mode="live",
+            status="failed",
+            attempts=1,
+            created_at=_ago(RETENTION + 2 * HOUR),
         )
         for _ in range(4)
     ]
@@ -261,7 +287,7 @@ async def test_two_purgers_racing_remove_each_row_once(
             mode="live",
             status="succeeded",
             attempts=1,
-            created_at=_ago(2 * HOUR + i),
+            created_at=_ago(RETENTION + 2 * HOUR + i),
         )
         for i in range(40)
     ]
@@ -298,6 +324,9 @@ async def test_two_purgers_racing_remove_each_row_once(
 async def test_a_worker_purges_on_start(
     pool: asyncpg.Pool[Any], start_worker: StartWorker, settings: Settings
 ) -> None:
+    # What earlier tests left finished goes first, so the worker's first run is about this.
+    while (await Purger(with_(settings, retention=1.0), metrics=Metrics()).run_once()).more:
+        pass
     account = await make_account(pool)
     hook, _ = await make_webhook(pool, settings, account, URL)
     old = await add_delivery(
@@ -307,7 +336,7 @@ async def test_a_worker_purges_on_start(
 
     worker = await start_worker(retention=2.0)
 
-    for _ in range(100):
+    for _ in range(300):
         if not await _present(pool, [old]):
             break
         await asyncio.sleep(0.1)
