@@ -231,6 +231,12 @@ async def quick(ca_file: Path) -> AsyncIterator[Sender]:
         yield sender
 
 
+async def settle() -> None:
+    """Let the client read what a server in this same loop has already written."""
+    for _ in range(10):
+        await asyncio.sleep(0.01)
+
+
 async def wait_event(event: asyncio.Event, timeout: float = WAIT) -> None:
     async with asyncio.timeout(timeout):
         await event.wait()

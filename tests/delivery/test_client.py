@@ -3,24 +3,21 @@
 Every server here is a hand-written asyncio server (tests/delivery/conftest.py) that sends
 exactly the bytes a case needs and records exactly the bytes it received, so each test checks
 both what the client did on the wire and the `Outcome` it reported. TLS unless TLS is beside
-the point.
+the point. Hostile answers (oversized, endless, smuggled, trickled) are in test_hostile.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import ssl
-from pathlib import Path
 
 import pytest
 import trustme
 
 from engine.core.signing import request_headers
 from engine.delivery import Outcome, Sender
-from engine.delivery.client import BODY_CAP, MAX_HEAD, Client, Origin
-from engine.delivery.resolver import SafeResolver
-from tests.delivery.conftest import LOOPBACK, Conn, RawServer, Serve, wait_event
+from engine.delivery.http import BODY_KEPT, HEAD_FIELDS, HEAD_LINE
+from tests.delivery.conftest import Conn, RawServer, Serve, settle, wait_event
 
 BODY = b'{"event":"document.uploaded","data":{"document":{"id":"doc_1"}}}'
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -125,24 +122,19 @@ async def test_a_connection_is_reused_only_when_the_response_allows_it(
         await wait_event(server.conns[0].peer_closed)  # and the first one was closed
 
 
-async def test_closed_connections_are_freed_without_waiting_for_the_cycle_collector(
+async def test_a_connection_the_answer_closes_is_closed_on_our_side_too(
     serve: Serve, sender: Sender
 ) -> None:
-    # Each TLS connection holds buffers of about 256 KiB: left in reference cycles they piled
-    # up between collections (the chaos test's worker grew by 15 MB a round).
+    # Counted at the server: every connection it accepted was hung up by the client, so none
+    # lingers (each TLS connection holds buffers of about 256 KiB).
     close = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     server = await serve(lambda conn: conn.serve(close))
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(5):
-            assert_ok(await send(sender, server))
-        await asyncio.sleep(0.05)  # the last transport's connection_lost
-        left = [o for o in gc.get_objects() if type(o).__name__ == "_Connection"]
-    finally:
-        gc.enable()
+    for _ in range(5):
+        assert_ok(await send(sender, server))
     assert server.accepted == 5
-    assert left == []
+    for conn in server.conns:
+        await wait_event(conn.peer_closed)
+    assert [len(conn.requests) for conn in server.conns] == [1] * 5
 
 
 async def test_a_stale_idle_connection_is_replaced_transparently(
@@ -170,11 +162,12 @@ async def test_a_stale_idle_connection_is_replaced_transparently(
     assert len(server.conns[0].requests) == 1
 
 
-async def test_a_request_lost_on_a_reused_connection_is_sent_once_more_on_a_new_one(
+async def test_a_request_lost_on_a_reused_connection_fails_and_the_next_uses_a_new_one(
     serve: Serve, sender: Sender
 ) -> None:
-    # The race the stale-connection retry exists for, made deterministic: the server closes
-    # the kept-alive connection just as the second request arrives on it.
+    # The server closes the kept-alive connection just as the second request arrives on it.
+    # A POST is not resent by aiohttp (it may have been acted on): that attempt fails as a
+    # connection error, to be retried on schedule, and the next send opens a new connection.
     async def handler(conn: Conn) -> None:
         if len(server.conns) > 1:
             await conn.serve(OK)
@@ -185,27 +178,11 @@ async def test_a_request_lost_on_a_reused_connection_is_sent_once_more_on_a_new_
 
     server = await serve(handler)
     assert_ok(await send(sender, server))
+    assert_connection_error(await send(sender, server))
     assert_ok(await send(sender, server))
     assert server.accepted == 2
     assert [len(conn.requests) for conn in server.conns] == [2, 1]
     assert server.answered == 2
-
-
-async def test_the_resend_after_a_lost_reused_connection_happens_only_once(
-    serve: Serve, sender: Sender
-) -> None:
-    async def handler(conn: Conn) -> None:
-        if len(server.conns) == 1:
-            await conn.read_request()
-            await conn.answer(OK)
-        await conn.read_request()  # then close without an answer, on every connection
-
-    server = await serve(handler)
-    assert_ok(await send(sender, server))
-    outcome = await send(sender, server)
-    assert_connection_error(outcome)
-    assert server.accepted == 2  # the reused one, then one fresh attempt, no more
-    assert len(server.requests) == 3
 
 
 @pytest.mark.parametrize("when", ["at-once", "after-the-request"])
@@ -252,6 +229,7 @@ async def test_unsolicited_bytes_on_an_idle_connection_retire_it(
     serve: Serve, sender: Sender, when: str
 ) -> None:
     idle = asyncio.Event()
+    sent = asyncio.Event()
 
     async def handler(conn: Conn) -> None:
         if len(server.conns) > 1:
@@ -264,46 +242,19 @@ async def test_unsolicited_bytes_on_an_idle_connection_retire_it(
             await conn.answer(OK)
             await wait_event(idle)
             await conn.send(R408)
-        await conn.until_closed()
+        sent.set()
+        await conn.until_closed()  # whatever comes next on this connection is not answered
 
     server = await serve(handler)
     assert_ok(await send(sender, server))
     idle.set()
-    # The client drops the connection on its own: the 408 is never taken for the next answer.
-    await wait_event(server.conns[0].peer_closed)
+    await wait_event(sent)
+    await settle()
+    # The 408 is never taken for the next answer: that goes out on a new connection.
     assert_ok(await send(sender, server))
     assert server.accepted == 2
     assert [len(conn.requests) for conn in server.conns] == [1, 1]
-
-
-async def test_an_idle_connection_is_closed_after_the_idle_timeout(
-    serve: Serve, ca_file: Path
-) -> None:
-    server = await serve(serve_ok)
-    idle_timeout = 0.2
-    client = Client(
-        ssl_context=ssl.create_default_context(cafile=str(ca_file)),
-        resolver=SafeResolver(LOOPBACK),
-        allowed=LOOPBACK,
-        idle_timeout=idle_timeout,
-    )
-    origin = Origin.of(server.url + "/hook")
-    data = origin.head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-    loop = asyncio.get_running_loop()
-    try:
-        response = await client.post(origin, data)
-        idle_from = loop.time()
-        assert response.status == 200
-        assert response.body == b"ok"
-        [conn] = server.conns
-        await wait_event(conn.peer_closed)
-        assert conn.peer_closed_at - idle_from >= idle_timeout * 0.9  # idle, not at once
-        assert len(conn.requests) == 1
-        response = await client.post(origin, data)
-        assert response.status == 200
-        assert server.accepted == 2
-    finally:
-        await client.close()
+    await wait_event(server.conns[0].peer_closed)
 
 
 # ---------------------------------------------------------------- reading responses
@@ -416,58 +367,53 @@ async def head_case(
     return await send(sender, server), server
 
 
-async def test_a_response_head_over_64_kib_arriving_in_pieces_is_refused(
+async def test_a_head_of_more_fields_than_the_limit_is_refused_in_pieces(
     serve: Serve, sender: Sender
 ) -> None:
-    outcome, server = await head_case(serve, sender, big_head(MAX_HEAD + 16384), 4096)
+    outcome, server = await head_case(serve, sender, big_head(48 * 1024), 4096)
     assert_connection_error(outcome)
-    assert f"response head larger than {MAX_HEAD} bytes" in (outcome.error or "")
+    assert f"response headers too large: more than {HEAD_FIELDS} fields" in (outcome.error or "")
     await wait_event(server.conns[0].peer_closed)  # the client hung up
 
 
-async def test_a_response_head_over_64_kib_arriving_in_one_read_is_refused(
+async def test_a_head_of_more_fields_than_the_limit_is_refused_in_one_read(
     serve: Serve, sender: Sender
 ) -> None:
-    outcome, server = await head_case(serve, sender, big_head(MAX_HEAD + 4096), 1 << 20)
+    outcome, server = await head_case(serve, sender, big_head(48 * 1024), 1 << 20)
     assert_connection_error(outcome)
-    assert f"response head larger than {MAX_HEAD} bytes" in (outcome.error or "")
+    assert f"response headers too large: more than {HEAD_FIELDS} fields" in (outcome.error or "")
     await wait_event(server.conns[0].peer_closed)  # the client hung up
 
 
-async def test_a_response_head_just_under_64_kib_is_accepted(serve: Serve, sender: Sender) -> None:
-    response = big_head(MAX_HEAD - 2048)
-    assert len(response) < MAX_HEAD
+async def test_a_head_at_every_limit_at_once_is_accepted(serve: Serve, sender: Sender) -> None:
+    # The longest status line, and every field at the longest line: the largest head read.
+    status = b"HTTP/1.1 200 " + b"o" * (HEAD_LINE - 20) + b"\r\n"
+    fields = [b"Content-Length: 2\r\n"]
+    for i in range(HEAD_FIELDS - 1):
+        name = b"X-Big-%03d" % i
+        fields.append(name + b": " + b"a" * (HEAD_LINE - len(name)) + b"\r\n")
+    response = status + b"".join(fields) + b"\r\nok"
+    assert len(response) > 56 * 1024
     server = await serve(lambda conn: conn.serve(response))
     assert_ok(await send(sender, server))
+    assert_ok(await send(sender, server))
+    assert server.accepted == 1
 
 
 def pattern(size: int) -> bytes:
     return bytes(97 + i % 26 for i in range(size))
 
 
-async def huge_body_case(serve: Serve, sender: Sender, size: int) -> None:
-    body = pattern(size)
-    response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body
+async def test_a_long_body_is_read_to_its_end_kept_to_4_kib_and_its_connection_reused(
+    serve: Serve, sender: Sender
+) -> None:
+    body = pattern(256 * 1024)
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     server = await serve(lambda conn: conn.serve(response))
-    outcome = await send(sender, server)
-    assert_ok(outcome, body[:BODY_CAP].decode())
-    assert len(outcome.body) == BODY_CAP
-    # The rest was not read, so the connection cannot be reused.
-    await wait_event(server.conns[0].peer_closed)
-    assert_ok(await send(sender, server), body[:BODY_CAP].decode())
-    assert server.accepted == 2
-
-
-async def test_a_long_body_is_cut_to_the_cap_and_its_connection_not_reused(
-    serve: Serve, sender: Sender
-) -> None:
-    await huge_body_case(serve, sender, 32 * 1024)
-
-
-async def test_a_1_mib_body_is_cut_to_the_cap_and_its_connection_not_reused(
-    serve: Serve, sender: Sender
-) -> None:
-    await huge_body_case(serve, sender, 1024 * 1024)
+    for _ in range(2):
+        outcome = await send(sender, server)
+        assert_ok(outcome, body[:BODY_KEPT].decode())
+    assert server.accepted == 1
 
 
 async def test_retry_after_on_429_and_redirects_are_classified(
@@ -581,26 +527,20 @@ async def test_a_trickling_server_times_out_at_the_total_timeout(
         pytest.param({"X-Note": "a\nX-Evil: 1"}, id="lf-in-value"),
         pytest.param({"X-Note": "a\rX-Evil: 1"}, id="cr-in-value"),
         pytest.param({"X-Evil: 1\r\nX-Note": "a"}, id="crlf-in-name"),
-        pytest.param({"X-Note": "€"}, id="not-latin-1"),
     ],
 )
 async def test_a_header_that_would_inject_is_refused_before_any_byte_is_sent(
     serve: Serve, sender: Sender, bad: dict[str, str]
 ) -> None:
     server = await serve(serve_ok)
-    fresh = await sender.send(server.url + "/hook", BODY, {**headers(), **bad})
-    assert_connection_error(fresh)
-    assert "invalid request" in (fresh.error or "")
-    assert server.accepted == 0  # not even a connection
-    # With a kept-alive connection at hand, still nothing goes out on it.
     assert_ok(await send(sender, server))
-    pooled = await sender.send(server.url + "/hook", BODY, {**headers(), **bad})
-    assert_connection_error(pooled)
+    refused = await sender.send(server.url + "/hook", BODY, {**headers(), **bad})
+    assert_connection_error(refused)
+    assert "invalid request" in (refused.error or "")
     assert_ok(await send(sender, server))
-    assert server.accepted == 1
     assert len(server.requests) == 2
-    assert b"X-Evil" not in server.conns[0].received
-    assert bytes(server.conns[0].received) == b"".join(server.requests)
+    assert all(b"X-Evil" not in conn.received for conn in server.conns)
+    assert b"".join(bytes(conn.received) for conn in server.conns) == b"".join(server.requests)
 
 
 def foreign_ssl(*names: str) -> ssl.SSLContext:
@@ -642,55 +582,18 @@ async def test_plain_http_works_where_tls_is_beside_the_point(serve: Serve, send
 # ---------------------------------------------------------------- URLs
 
 
-ORIGINS = [
-    # url, then what Origin.of makes of it: tls, host, port, literal, head
-    (
-        "https://[::1]:8443/a b?x=ü",
-        Origin(True, "::1", 8443, True, b"POST /a%20b?x=%C3%BC HTTP/1.1\r\nHost: [::1]:8443\r\n"),
-    ),
-    (
-        "https://Exämple.com/p",
-        Origin(
-            True,
-            "xn--exmple-cua.com",
-            443,
-            False,
-            b"POST /p HTTP/1.1\r\nHost: xn--exmple-cua.com\r\n",
-        ),
-    ),
-    ("http://h.com", Origin(False, "h.com", 80, False, b"POST / HTTP/1.1\r\nHost: h.com\r\n")),
-    (
-        "http://127.0.0.1:8080/hook?a=1&b=2",
-        Origin(
-            False,
-            "127.0.0.1",
-            8080,
-            True,
-            b"POST /hook?a=1&b=2 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n",
-        ),
-    ),
-    (
-        "https://EXAMPLE.com:443/x#fragment",
-        Origin(True, "example.com", 443, False, b"POST /x HTTP/1.1\r\nHost: example.com\r\n"),
-    ),
-    (
-        "http://h.com/a\r\nX-Evil: 1",  # raw line breaks never reach the head
-        Origin(False, "h.com", 80, False, b"POST /aX-Evil:%201 HTTP/1.1\r\nHost: h.com\r\n"),
-    ),
-]
-
-
-@pytest.mark.parametrize(("url", "expected"), ORIGINS)
-def test_origin_of_a_url(url: str, expected: Origin) -> None:
-    origin = Origin.of(url)
-    assert origin == expected
-    assert origin.key == (expected.tls, expected.host, expected.port)
+async def test_the_target_is_encoded_as_the_wire_needs_it(serve: Serve, sender: Sender) -> None:
+    server = await serve(serve_ok)
+    assert_ok(await sender.send(server.url + "/a b/ü?x=ü&y=1#frag", BODY, headers()))
+    [request] = server.requests
+    assert request.startswith(b"POST /a%20b/%C3%BC?x=%C3%BC&y=1 HTTP/1.1\r\n")
 
 
 @pytest.mark.parametrize(
     "url",
     ["ftp://h.com/", "file:///etc/passwd", "ws://h.com/", "javascript:alert(1)", "/relative"],
 )
-def test_origin_of_anything_but_an_absolute_http_url_is_refused(url: str) -> None:
-    with pytest.raises(ValueError, match="absolute http"):
-        Origin.of(url)
+async def test_anything_but_an_absolute_http_url_is_refused(sender: Sender, url: str) -> None:
+    outcome = await sender.send(url, BODY, headers())
+    assert_connection_error(outcome)
+    assert "invalid URL" in (outcome.error or "")
