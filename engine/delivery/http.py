@@ -28,7 +28,7 @@ from types import TracebackType
 import aiohttp
 import yarl
 from aiohttp.connector import Connection
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from engine.core.backoff import parse_retry_after
 from engine.core.urls import host_ip
@@ -178,7 +178,11 @@ class Sender:
                 message = _too_large_message(exc, "trailers")
                 return Outcome(False, None, _since(started), "connection", message)
             if not whole:
-                response.close()  # unread bytes remain: this connection is never reused
+                # Unread bytes remain: this connection is never reused. Aborted, not closed:
+                # nothing more is read from it, nor is a TLS goodbye awaited.
+                if connection is not None and connection.transport is not None:
+                    connection.transport.abort()
+                response.close()
         return _judge(status, _text(kept), retry_after, _since(started))
 
     async def _target(self, url: str) -> yarl.URL:
@@ -274,17 +278,29 @@ def _cause_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _too_long(exc: BaseException) -> bool:
+    """A line over the parser's limit (its copy on a connection keeps only the message)."""
+    return any(
+        isinstance(link, LineTooLong)
+        or (isinstance(link, HttpProcessingError) and link.message.startswith("Got more than"))
+        for link in _cause_chain(exc)
+    )
+
+
+def _too_many(exc: BaseException) -> bool:
+    """More header or trailer fields than the parser's limit."""
+    return any(
+        isinstance(link, HttpProcessingError) and link.message.startswith("Too many")
+        for link in _cause_chain(exc)
+    )
+
+
 def _too_large(exc: BaseException) -> bool:
-    for link in _cause_chain(exc):
-        if isinstance(link, LineTooLong):
-            return True
-        if isinstance(link, BadHttpMessage) and "Too many" in link.message:
-            return True
-    return False
+    return _too_long(exc) or _too_many(exc)
 
 
 def _too_large_message(exc: BaseException, part: str) -> str:
-    if any(isinstance(link, LineTooLong) for link in _cause_chain(exc)):
+    if _too_long(exc):
         why = f"a line longer than {HEAD_LINE} bytes"
     else:
         why = f"more than {HEAD_FIELDS} fields"
