@@ -32,7 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from engine.core.backoff import parse_retry_after
 from engine.core.urls import host_ip
-from engine.delivery.resolver import BlockedAddressError, SafeResolver
+from engine.delivery.resolver import BlockedAddressError, LookupFailedError, SafeResolver
 from engine.settings import Settings
 
 __all__ = ["BODY_KEPT", "BODY_READ", "HEAD_CAP", "HEAD_FIELDS", "HEAD_LINE", "Outcome", "Sender"]
@@ -98,9 +98,10 @@ class Sender:
         context = ssl.create_default_context()
         if settings.ca_bundle is not None:
             context.load_verify_locations(cafile=str(settings.ca_bundle))
-        self._resolver = resolver or SafeResolver(settings.allowed_networks)
+        self._resolver = resolver or SafeResolver.from_settings(settings)
         connector = aiohttp.TCPConnector(
             resolver=self._resolver,
+            use_dns_cache=False,  # the resolver keeps answers for their TTL, and no longer
             ssl=context,
             limit=0,  # the dispatcher bounds what is in flight, per endpoint and in all
             limit_per_host=0,
@@ -329,6 +330,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection", "connection closed before a response"
     for link in chain:
+        if isinstance(link, LookupFailedError):
+            return "connection", f"connection failed: {_short(str(link))}"
         if isinstance(link, socket.gaierror):
             return "connection", f"cannot resolve the host: {_short(link.strerror or '')}"
     # The OS's words only: its messages name the address dialled, which may be a resolved one.
