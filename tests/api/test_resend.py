@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,6 +12,7 @@ import asyncpg
 import pytest
 
 from engine.settings import Settings
+from engine.store import resending
 from tests.api.conftest import Account, Client, MakeAccount, start_api
 from tests.api.deliveries import add_delivery
 from tests.api.test_test_delivery import DELIVERY_KEYS
@@ -349,3 +352,55 @@ async def test_recover_on_someone_elses_webhook_is_404(
         assert status == 404
         assert_error(body, "not_found")
     assert (await _row(pool, dlv))["status"] == "failed"
+
+
+async def test_recover_reads_only_the_webhooks_failed_deliveries_of_the_range(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    # A long history, mostly succeeded: the statement must find the failed rows of the range
+    # through deliveries_by_status, not read the webhook's (or the table's) whole history.
+    tag = secrets.token_hex(4)
+    account_id, webhook_id = f"acct_rp{tag}", f"wh_recoverplan{tag}"
+    await pool.execute(
+        "INSERT INTO accounts (id, name, plan) VALUES ($1, 't', 'business')", account_id
+    )
+    await pool.execute(
+        """INSERT INTO webhooks (id, account_id, mode, url, events, secret)
+           VALUES ($1, $2, 'test', 'https://example.com/hook', ARRAY['document.uploaded'],
+                   'plain:whsec_test_x')""",
+        webhook_id,
+        account_id,
+    )
+    await pool.execute(
+        """INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, status,
+                                   attempts, created_at)
+           SELECT 'dlv_rp' || $2 || g, $1, 'acct_plan', 'evt_' || g, 'document.uploaded',
+                  CASE WHEN g % 50 = 0 THEN 'failed' ELSE 'succeeded' END, 8,
+                  now() - g * interval '1 second'
+           FROM generate_series(1, 30000) g""",
+        webhook_id,
+        tag,
+    )
+    await pool.execute("ANALYZE deliveries")
+    queries: list[tuple[str, Any]] = []
+    async with pool.acquire() as conn:
+        conn.add_query_logger(lambda q: queries.append((q.query, q.args)))
+        recovered = await resending.recover(
+            conn,
+            account_id=account_id,
+            mode="test",
+            webhook_id=webhook_id,
+            since=datetime.now(UTC) - timedelta(seconds=3625),
+            until=None,
+            rate=100.0,
+        )
+        await asyncio.sleep(0)  # query loggers are called soon after, not during
+        assert recovered == 72  # every 50th of the last 3,624
+        (query, args) = next(q for q in queries if "UPDATE deliveries" in q[0])
+        await conn.execute(
+            "UPDATE deliveries SET status = 'failed' WHERE webhook_id = $1 AND status = 'pending'",
+            webhook_id,
+        )
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, *args))
+    assert "deliveries_by_status" in plan, plan
+    assert "Seq Scan on deliveries" not in plan, plan
