@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import dns.message
 import dns.rcode
@@ -40,7 +41,6 @@ class FakeDns(asyncio.DatagramProtocol):
         transport, _ = await loop.create_datagram_endpoint(
             lambda: self, local_addr=("127.0.0.1", 0)
         )
-        self._transport = transport
         self.port = transport.get_extra_info("sockname")[1]
         return self
 
@@ -50,6 +50,9 @@ class FakeDns(asyncio.DatagramProtocol):
 
     def asked(self, name: str, kind: str = "A") -> int:
         return self.queries[(name, kind)]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | bytes, int]) -> None:
         query = dns.message.from_wire(data)
