@@ -198,6 +198,35 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "Disabled, resent and recovered",
+        [
+            ts(
+                "Webhooks disabled by reason",
+                "Webhooks the workers disabled: gone (the receiver answered 410) or failing "
+                "(every attempt failed for CARGOLINT_DISABLE_AFTER). Their owners re-enable "
+                "them with PUT active: true, then recover what failed meanwhile.",
+                "short",
+                q(
+                    "sum by (reason) (increase({P}webhooks_disabled_total{SEL}[$__rate_interval]))",
+                    "{{reason}}",
+                ),
+                stack=True,
+            ),
+            ts(
+                "Resend and recover calls",
+                "API calls that send failed deliveries again: one delivery (retry) or every "
+                "failed one of a webhook since a time (recover), by status.",
+                "reqps",
+                q(
+                    "sum by (route, status) (rate({P}api_requests_total{"
+                    'route=~".*/(retry|recover)",SEL}[$__rate_interval]))',
+                    "{{route}} {{status}}",
+                ),
+                stack=True,
+            ),
+        ],
+    ),
+    (
         "Latency",
         [
             ts(
