@@ -32,6 +32,9 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "rss_mb": ("scale", "worker RSS with the cache", "MiB"),
     "rss_inflight_mb": ("scale", "worker RSS, deliveries held", "MiB"),
     "match_us": ("scale", "match cost per event", "µs"),
+    "recover_s": ("recover", "POST recover of the failed deliveries", "s"),
+    "recover_throughput_ratio": ("recover", "other traffic's dlv/s during ÷ before", "x"),
+    "recover_p99_ms": ("recover", "other traffic's p99 during (before: extras)", "ms"),
 }
 
 
@@ -71,6 +74,8 @@ TARGETS = (
     Target("cache_load_s", "< 2", _under("cache_load_s", 2.0)),
     Target("rss_mb", "< 300", _under("rss_mb", 300.0)),
     Target("rss_inflight_mb", "< 300", _under("rss_inflight_mb", 300.0)),
+    Target("recover_s", "< 5", _under("recover_s", 5.0)),
+    Target("recover_throughput_ratio", "≥ 0.90", _at_least("recover_throughput_ratio", 0.90)),
 )
 
 

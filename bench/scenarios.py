@@ -44,6 +44,7 @@ from bench.procs import (
     worker_process,
 )
 from bench.publisher import Publisher
+from bench.recover import recover
 
 __all__ = ["FULL", "QUICK", "ROUNDED", "SCENARIOS", "Bench", "Results", "Sizes"]
 
@@ -567,4 +568,5 @@ SCENARIOS = {
     "latency": latency,
     "isolation": isolation,
     "scale": scale,
+    "recover": recover,
 }
