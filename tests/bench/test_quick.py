@@ -32,6 +32,9 @@ KEYS = (
     "rss_mb",
     "rss_inflight_mb",
     "match_us",
+    "recover_s",
+    "recover_throughput_ratio",
+    "recover_p99_ms",
 )
 
 Quick = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
@@ -87,6 +90,8 @@ def test_loose_bounds(quick: Quick) -> None:
     assert s["rss_mb"] < 2048
     assert s["rss_inflight_mb"] < 2048
     assert s["cache_load_s"] < 60
+    assert 0 < s["recover_s"] < 60
+    assert 0 < s["recover_throughput_ratio"] < 5
     # Hung endpoints were really tried, yet every healthy delivery still arrived.
     assert (
         s["extra"]["isolation_paced_hang_arrivals"] + s["extra"]["isolation_paced_fail_arrivals"]

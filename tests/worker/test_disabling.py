@@ -239,3 +239,69 @@ async def test_test_deliveries_never_change_a_webhook(
             assert (await _webhook(pool, webhook_id))["failing_since"] == since
     finally:
         await runner.cleanup()
+
+
+async def test_a_disabled_webhook_re_enabled_through_the_api_recovers_what_failed(
+    *,
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    worker = await start_worker(disable_after=1.0, retry_schedule=(0.3,) * 10)
+    async with pool.acquire() as conn:
+        account, key = await create_account(conn, name="Acme", plan="business", mode="live")
+    receiver.handler = answering(500)
+    runner, base = await start_api(wsettings, pool)
+    try:
+        async with aiohttp.ClientSession(headers={"X-API-Key": key}) as http:
+
+            async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+                async with http.request(method, f"{base}/api/v1{path}", json=body) as response:
+                    return response.status, await response.json()
+
+            status, created = await call(
+                "POST",
+                "/webhooks",
+                {"url": receiver.url + "/hook", "events": ["document.uploaded"]},
+            )
+            assert status == 201, created
+            webhook_id = created["id"]
+            await eventually(lambda: worker.cache.get(webhook_id) is not None)
+            events = [make_event(account) for _ in range(3)]
+            await publisher.publish_many(events)
+            ids = [dlv(webhook_id, account, e) for e in events]
+            await _disabled(pool, webhook_id)
+
+            status, shown = await call("GET", f"/webhooks/{webhook_id}")
+            assert status == 200
+            assert (shown["active"], shown["disabledReason"]) == (False, "failing")
+            assert shown["disabledAt"] is not None
+            rows = await wait_final(pool, ids)
+            assert {r["status"] for r in rows.values()} == {"failed"}
+            attempts_before = {i: r["attempts"] for i, r in rows.items()}
+
+            receiver.handler = None  # the receiver is fixed
+            status, shown = await call("PUT", f"/webhooks/{webhook_id}", {"active": True})
+            assert status == 200
+            assert (shown["active"], shown["disabledReason"], shown["disabledAt"]) == (
+                True,
+                None,
+                None,
+            )
+            assert (await _webhook(pool, webhook_id))["failing_since"] is None
+            await eventually(lambda: worker.cache.get(webhook_id) is not None)
+            status, body = await call(
+                "POST", f"/webhooks/{webhook_id}/recover", {"since": "2026-01-01T00:00:00Z"}
+            )
+            assert (status, body) == (202, {"recovered": len(ids)})
+            rows = await wait_final(pool, ids)
+            assert {r["status"] for r in rows.values()} == {"succeeded"}
+            for delivery_id, row in rows.items():
+                assert row["attempts"] == attempts_before[delivery_id] + 1
+            delivered = {r.headers["X-CargoLint-Delivery"] for r in receiver.requests[-len(ids) :]}
+            assert delivered == set(ids)
+            assert (await _webhook(pool, webhook_id))["active"] is True
+    finally:
+        await runner.cleanup()

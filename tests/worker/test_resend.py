@@ -3,12 +3,14 @@ schedule, the same delivery id and payload, attempted by the worker like any ret
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 
 from engine.settings import Settings
+from engine.store import resending
 from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
@@ -21,14 +23,19 @@ from tests.worker.helpers import (
 )
 
 
-async def resend(pool: asyncpg.Pool[Any], *delivery_ids: str) -> None:
-    """What the API's resend and recover do to a finished delivery (docs/contract.md §6)."""
-    await pool.execute(
-        """UPDATE deliveries SET status = 'pending', retry_base = attempts,
-                                 next_attempt_at = now(), claimed_by = NULL
-           WHERE id = ANY($1::text[]) AND status IN ('succeeded', 'failed')""",
-        list(delivery_ids),
-    )
+async def resend(
+    pool: asyncpg.Pool[Any], account_id: str, webhook_id: str, delivery_id: str
+) -> None:
+    """Resend one finished delivery as the API's `…/retry` does."""
+    async with pool.acquire() as conn:
+        resent = await resending.resend(
+            conn,
+            account_id=account_id,
+            mode="live",
+            webhook_id=webhook_id,
+            delivery_id=delivery_id,
+        )
+    assert isinstance(resent, resending.Resent), resent
 
 
 async def _numbers(pool: asyncpg.Pool[Any], delivery_id: str) -> list[int]:
@@ -58,7 +65,7 @@ async def test_a_resent_failed_delivery_gets_the_whole_schedule_again(
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert (row["status"], row["attempts"]) == ("failed", per_schedule)
 
-    await resend(pool, delivery_id)
+    await resend(pool, account, webhook_id, delivery_id)
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     # Counted from where the resend started the schedule, not from the first attempt: without
     # retry_base the fourth attempt would have been past the schedule's end, and the last.
@@ -87,7 +94,7 @@ async def test_a_resent_delivery_that_succeeds_ends_succeeded(
     delivery_id = dlv(webhook_id, account, event)
     await wait_final(pool, [delivery_id])
 
-    await resend(pool, delivery_id)
+    await resend(pool, account, webhook_id, delivery_id)
     await receiver.wait_for(2)
     await eventually(
         lambda: _final(pool, delivery_id, "succeeded", attempts=2), timeout=10.0, every=0.05
@@ -124,7 +131,17 @@ async def test_recovered_deliveries_are_all_delivered_again(
     assert {r["status"] for r in rows.values()} == {"failed"}
 
     down = False
-    await resend(pool, *ids)
+    async with pool.acquire() as conn:
+        recovered = await resending.recover(
+            conn,
+            account_id=account,
+            mode="live",
+            webhook_id=webhook_id,
+            since=datetime.now(UTC) - timedelta(hours=1),
+            until=None,
+            rate=wsettings.endpoint_rate,
+        )
+    assert recovered == len(ids)
     rows = await wait_final(pool, ids)
     per_schedule = len(wsettings.retry_schedule) + 1
     assert {(r["status"], r["attempts"]) for r in rows.values()} == {

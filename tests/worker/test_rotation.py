@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from engine.core.crypto import SecretBox, new_webhook_secret
+from engine.core.crypto import SecretBox
 from engine.settings import Settings
-from engine.store.db import NOTIFY_CHANNEL
+from engine.store.webhooks import rotate_secret
 from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
@@ -36,7 +36,7 @@ from tests.worker.helpers import (
 )
 
 SNIPPET = Path(__file__).resolve().parents[2] / "docs" / "receiver_rotation_snippet.py"
-OVERLAP = 4.0
+OVERLAP = 4  # seconds
 # Requests this close to the overlap's end are not classified: the worker's clock decided.
 MARGIN = 0.3
 
@@ -52,22 +52,22 @@ def snippet() -> Verify:
 
 
 async def rotate(
-    pool: asyncpg.Pool[Any], settings: Settings, webhook_id: str, overlap: float
+    pool: asyncpg.Pool[Any], settings: Settings, account_id: str, webhook_id: str, overlap: int
 ) -> tuple[str, datetime]:
-    """Rotate the webhook's secret with an overlap as the API does; return the new secret and
+    """Rotate the webhook's secret with an overlap, as the API does; return the new secret and
     when the previous one stops signing."""
-    box = SecretBox(settings.secret_keys)
-    secret = new_webhook_secret("live")
-    async with pool.acquire() as conn, conn.transaction():
-        expires_at: datetime = await conn.fetchval(
-            """UPDATE webhooks SET previous_secret = secret, secret = $2, updated_at = now(),
-                   previous_secret_expires_at = now() + make_interval(secs => $3)
-               WHERE id = $1 RETURNING previous_secret_expires_at""",
-            webhook_id,
-            box.seal(secret),
-            overlap,
+    async with pool.acquire() as conn:
+        rotated = await rotate_secret(
+            conn,
+            account_id=account_id,
+            mode="live",
+            webhook_id=webhook_id,
+            overlap_seconds=overlap,
+            box=SecretBox(settings.secret_keys),
         )
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, webhook_id)
+    assert rotated is not None
+    row, secret = rotated
+    expires_at: datetime = row["previous_secret_expires_at"]
     return secret, expires_at
 
 
@@ -112,7 +112,7 @@ async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
         return web.Response(status=200 if verify(held, body.decode(), request.headers) else 401)
 
     receiver.handler = check
-    new, expires_at = await rotate(pool, wsettings, webhook_id, OVERLAP)
+    new, expires_at = await rotate(pool, wsettings, account, webhook_id, OVERLAP)
     await eventually(
         lambda: (t := worker.cache.get(webhook_id)) is not None and t.previous_sealed is not None
     )
