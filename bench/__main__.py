@@ -23,12 +23,14 @@ from bench.procs import receiver_process
 from bench.publisher import publisher
 from bench.receiver import run
 from bench.report import render_table, summary, write_json
-from bench.scenarios import FULL, QUICK, ROUNDED, SCENARIOS, Bench, Results, Sizes, topology
+from bench.retention import history, retention
+from bench.scenarios import FULL, OPT_IN, QUICK, ROUNDED, SCENARIOS, Bench, Results, Sizes, topology
 from engine.store.db import create_pool
 
 __all__ = ["main"]
 
 RECEIVER_ENDPOINTS = {"ok": 16, "fail": 2, "hang": 10}
+SCENARIOS.update(retention=retention, history=history)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +104,11 @@ async def _scenarios(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> R
                 results=results,
             )
             await topology(bench)
-            chosen = [name for name in SCENARIOS if not args.only or name in args.only]
+            chosen = (
+                [n for n in SCENARIOS if n in args.only]
+                if args.only
+                else [n for n in SCENARIOS if n not in OPT_IN]
+            )
             rounded = [name for name in chosen if name in ROUNDED]
             for round_ in range(sizes.rounds):
                 bench.round = round_

@@ -35,6 +35,11 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "recover_s": ("recover", "POST recover of the failed deliveries", "s"),
     "recover_throughput_ratio": ("recover", "other traffic's dlv/s during ÷ before", "x"),
     "recover_p99_ms": ("recover", "other traffic's p99 during (before: extras)", "ms"),
+    "retention_throughput_ratio": ("retention", "dlv/s with a purge / without", "x"),
+    "retention_p99_ratio": ("retention", "paced p99 with a purge / without", "x"),
+    "retention_rows_removed": ("retention", "old deliveries the purge removed", "rows"),
+    "list_first_page_ms": ("history", "p99 first page, 10M deliveries", "ms"),
+    "list_deep_page_ms": ("history", "p99 page at offset 5M", "ms"),
 }
 
 
@@ -76,6 +81,10 @@ TARGETS = (
     Target("rss_inflight_mb", "< 300", _under("rss_inflight_mb", 300.0)),
     Target("recover_s", "< 5", _under("recover_s", 5.0)),
     Target("recover_throughput_ratio", "≥ 0.90", _at_least("recover_throughput_ratio", 0.90)),
+    Target("retention_throughput_ratio", "≥ 0.90", _at_least("retention_throughput_ratio", 0.9)),
+    Target("retention_p99_ratio", "< 1.10", _under("retention_p99_ratio", 1.1)),
+    Target("list_first_page_ms", "< 10", _under("list_first_page_ms", 10.0)),
+    Target("list_deep_page_ms", "< 50", _under("list_deep_page_ms", 50.0)),
 )
 
 

@@ -570,3 +570,5 @@ SCENARIOS = {
     "scale": scale,
     "recover": recover,
 }
+# Run only when named with --only: each writes millions of rows (bench/retention.py).
+OPT_IN = ("retention", "history")

@@ -222,8 +222,10 @@ async def list_deliveries(
 
     The page is read from deliveries_by_webhook, or, filtered, from deliveries_by_status or
     deliveries_by_event (migration 0012), in index order: no sort, however long the history.
-    `total` is counted up to `EXACT_TOTAL` + 1 matching deliveries at most; past that it is an
-    estimate (see `_estimate`), at least `EXACT_TOTAL` + 1 and the rows up to this page.
+    `total` is exact up to `EXACT_TOTAL`: the newest matching deliveries are counted, up to
+    `EXACT_TOTAL` + 1 of them. Above, it is an estimate, at least `EXACT_TOTAL` + 1 and the rows
+    up to this page: for a webhook whose hours are counted, the deliveries in them (deep pages:
+    plus the newest, uncounted hour or two); otherwise the planner's estimate.
     """
     args: list[Any] = [webhook_id]
     where = ["webhook_id = $1"]
@@ -235,8 +237,11 @@ async def list_deliveries(
             where.append(f"{column} = ${len(args)}")
     condition = " AND ".join(where)
     n = len(args)
+    # Deliveries in the webhook's counted hours (None: not counted): more than EXACT_TOTAL of
+    # them make a count of the newest ones pointless.
+    counted = await _counted(conn, condition, args)
     start = None
-    if offset >= COUNTED_FROM:
+    if offset >= COUNTED_FROM and counted is not None:
         start = await page_start(
             conn, webhook_id, status=filters.status, event_type=filters.event_type, offset=offset
         )
@@ -256,17 +261,31 @@ async def list_deliveries(
         rows = await _anchored_page(
             conn, condition, args, before=start.before, skip=start.skip, limit=limit
         )
-    counted: int = await conn.fetchval(
+    floor = max(EXACT_TOTAL + 1, offset + len(rows) if rows else 0)
+    if start is not None and start.total > EXACT_TOTAL:
+        return rows, max(floor, start.total)
+    if counted is not None and counted > EXACT_TOTAL:
+        return rows, max(floor, counted)
+    newest: int = await conn.fetchval(
         f"SELECT count(*) FROM (SELECT FROM deliveries WHERE {condition} LIMIT ${n + 1}) c",
         *args,
         EXACT_TOTAL + 1,
     )
-    if counted <= EXACT_TOTAL:
-        return rows, counted
-    floor = max(EXACT_TOTAL + 1, offset + len(rows) if rows else 0)
-    if start is not None:
-        return rows, max(floor, start.total)
+    if newest <= EXACT_TOTAL:
+        return rows, newest
     return rows, max(floor, await _estimate(conn, condition, args))
+
+
+async def _counted(conn: Conn, condition: str, args: list[Any]) -> int | None:
+    """How many matching deliveries the webhook's counted hours hold; None if none counted."""
+    counted: int | None = await conn.fetchval(
+        f"""SELECT sum(n)::bigint FROM (
+                SELECT n FROM delivery_counts WHERE {condition}
+                UNION ALL
+                SELECT n FROM delivery_count_changes WHERE {condition}) c""",
+        *args,
+    )
+    return counted
 
 
 async def _anchored_page(
@@ -304,18 +323,7 @@ async def _anchored_page(
 
 
 async def _estimate(conn: Conn, condition: str, args: list[Any]) -> int:
-    """More than `EXACT_TOTAL` match: the webhook's counted hours plus the `EXACT_TOTAL` + 1
-    counted from the newest (short by the uncounted newest hour or two beyond that), or, for a
-    webhook whose hours are not counted, the planner's estimate from the table's statistics."""
-    counted: int | None = await conn.fetchval(
-        f"""SELECT sum(n)::bigint FROM (
-                SELECT n FROM delivery_counts WHERE {condition}
-                UNION ALL
-                SELECT n FROM delivery_count_changes WHERE {condition}) c""",
-        *args,
-    )
-    if counted is not None:
-        return counted + EXACT_TOTAL + 1
+    """The planner's estimate of the matching deliveries, from the table's statistics."""
     plan = await conn.fetchval(
         f"EXPLAIN (FORMAT JSON) SELECT FROM deliveries WHERE {condition}", *args
     )

@@ -3,7 +3,7 @@
 A run takes the purge's advisory lock on a connection of its own, closed at the end of the run
 (another worker's run in progress: this one skips its turn), then removes finished deliveries
 older than the retention in batches of `BATCH` rows, pausing between batches so that the purge
-uses at most about a quarter of one Postgres backend, for at most `RUN_BUDGET` seconds before it
+uses at most about a third of one Postgres backend, for at most `RUN_BUDGET` seconds before it
 lets the lock go. A run that stopped with work left is followed by another at once; otherwise
 the next starts after `EVERY` seconds, so a delivery disappears well within a minute of passing
 the retention. Under the same lock, a run folds the changes recorded to the delivery lists'
@@ -36,14 +36,14 @@ __all__ = ["Purger", "RunResult"]
 log = logging.getLogger(__name__)
 
 EVERY = 15.0
-BATCH = 2000
+BATCH = 5000
 RUN_BUDGET = 10.0
 # How often a run also counts the hours that settled for long delivery lists (hours settle once
 # an hour; this also notices a webhook whose history grew long enough to be counted).
 COUNT_EVERY = 600.0
 # Pause after each batch for this many times as long as the batch took: the purge then uses
 # at most 1 / (1 + PAUSE_FACTOR) of a Postgres backend while it catches up with a backlog.
-PAUSE_FACTOR = 3.0
+PAUSE_FACTOR = 2.0
 
 
 @dataclass(frozen=True, slots=True)
