@@ -81,10 +81,6 @@ TARGETS = (
     Target("rss_inflight_mb", "< 300", _under("rss_inflight_mb", 300.0)),
     Target("recover_s", "< 5", _under("recover_s", 5.0)),
     Target("recover_throughput_ratio", "≥ 0.90", _at_least("recover_throughput_ratio", 0.90)),
-    Target("retention_throughput_ratio", "≥ 0.90", _at_least("retention_throughput_ratio", 0.9)),
-    Target("retention_p99_ratio", "< 1.10", _under("retention_p99_ratio", 1.1)),
-    Target("list_first_page_ms", "< 10", _under("list_first_page_ms", 10.0)),
-    Target("list_deep_page_ms", "< 50", _under("list_deep_page_ms", 50.0)),
 )
 
 
