@@ -13,7 +13,10 @@ from pathlib import Path
 
 from engine.core.backoff import DEFAULT_SCHEDULE, parse_duration, parse_schedule
 
-__all__ = ["Settings", "SettingsError"]
+__all__ = ["QUEUE_TYPES", "Settings", "SettingsError"]
+
+# RabbitMQ queue types the worker can declare its queues as (`CARGOLINT_QUEUE_TYPE`).
+QUEUE_TYPES = ("classic", "quorum")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,6 +60,7 @@ class Settings:
     api_rate_limit: float = 100.0
     api_rate_burst: int = 500
     log_level: str = "INFO"
+    queue_type: str = "classic"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -179,6 +183,12 @@ class Settings:
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("CARGOLINT_LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 
+        queue_type = text("CARGOLINT_QUEUE_TYPE", d.queue_type).lower()
+        if queue_type not in QUEUE_TYPES:
+            raise SettingsError(
+                "CARGOLINT_QUEUE_TYPE", f"must be classic or quorum, got {queue_type!r}"
+            )
+
         return cls(
             database_url=database_url,
             amqp_url=amqp_url,
@@ -227,6 +237,7 @@ class Settings:
             dns_timeout=dns_timeout,
             dns_servers=dns_servers,
             log_level=log_level,
+            queue_type=queue_type,
         )
 
 

@@ -16,17 +16,16 @@ handles each message at once and a busy one writes hundreds per statement. For e
 5. acknowledge — one multiple-ack per channel for this batch and the ones before it, once
    `ACK_EVERY` messages wait or `ACK_DELAY` after the first: at a paced rate batches are a
    message or two, and an ack each would cost the broker and us more than the rest of it.
+   A multiple-ack covers every earlier delivery tag of its channel, so it goes no further than
+   the tags settled without a gap (`engine.worker.acks.AckWindow`).
 
 A message is acked only after step 3 commits. If the broker connection drops first, the
 messages come back and their deliveries are found already there (their ids are derived from
 the event and the webhook), so nothing is made twice.
 
-The connection and channel are aio-pika's robust ones (reconnect, qos restored), but messages
-are consumed through the underlying aiormq channel: aio-pika's own consume path costs two
-tasks, an `IncomingMessage` and a deprecation warning per message, about 40% of the worker's
-AMQP cost. The consumer is therefore ours to restore: after every reopen of the channel, and
-when the broker cancels it. Below that, the connection reads its frames through
-`engine.worker.amqp_frames` (whole socket reads cut into frames, not three reads per frame).
+Everything AMQP is aio-pika's public API: a robust connection and channels, which reconnect,
+declare the topology again, restore the prefetch and consume again (also after the broker
+cancels the consumer); `queue.consume` with a callback that only buffers the message.
 """
 
 from __future__ import annotations
@@ -34,35 +33,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import aio_pika
-import aiormq
 import asyncpg
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelInvalidStateError
-from aiormq.abc import DeliveredMessage
+from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError
 
 from engine.core.events import Event, InvalidEventError, parse_event
 from engine.core.ids import delivery_id
 from engine.settings import Settings
 from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
 from engine.store.queue import retake_due
-from engine.worker import amqp_frames
+from engine.worker.acks import AckWindow
 from engine.worker.cache import SubscriptionCache
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
 from engine.worker.metrics import Metrics
 from engine.worker.retrying import REJECTED, retry_transient
+from engine.worker.topology import (
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    EXCHANGE,
+    QUEUE,
+    QueueConflictError,
+    declare_topology,
+)
 
 __all__ = [
     "DEAD_EXCHANGE",
@@ -72,15 +75,12 @@ __all__ = [
     "REASON_HEADER",
     "STORE_REJECTED",
     "Consumer",
+    "QueueConflictError",
     "declare_topology",
 ]
 
 log = logging.getLogger(__name__)
 
-EXCHANGE = "cargolint.events"
-QUEUE = "cargolint.webhooks.events"
-DEAD_EXCHANGE = "cargolint.events.dlx"
-DEAD_QUEUE = "cargolint.webhooks.dead"
 # Dead-letter reason of a message whose event Postgres refuses to store (`REJECTED`).
 STORE_REJECTED = "store_rejected"
 REASON_HEADER = "x-cargolint-reason"
@@ -97,30 +97,13 @@ BEHIND_AFTER = 0.5
 # Acks wait for company this long at most (they hold prefetch slots meanwhile, nothing else).
 ACK_DELAY = 0.02
 ACK_EVERY = 200
+# A delivery tag still missing this long after later ones were done: ack those one by one.
+ACK_GAP_PATIENCE = 5.0
 # aio-pika's default is 5 s: most of the recovery time after a broker restart.
 RECONNECT_INTERVAL = 1.0
 
 # The broker went away under us: the batch's messages will be redelivered.
-_BROKER_LOST = (
-    ChannelInvalidStateError,
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-)
-
-
-async def declare_topology(channel: AbstractChannel) -> tuple[AbstractQueue, AbstractExchange]:
-    """Declare exchanges and queues idempotently; return the events queue and the DLX.
-
-    Both queues carry no arguments, so a publisher that declares them plainly never conflicts.
-    """
-    events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(QUEUE, durable=True)
-    await queue.bind(events, routing_key="#")
-    dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    dead_queue = await channel.declare_queue(DEAD_QUEUE, durable=True)
-    await dead_queue.bind(dead, routing_key="#")
-    return queue, dead
+_BROKER_LOST = (ChannelInvalidStateError, AMQPConnectionError, ConnectionError)
 
 
 class Consumer:
@@ -143,15 +126,14 @@ class Consumer:
         self._metrics = metrics
         self._worker_id = worker_id
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractQueue | None = None
         self._dead: AbstractExchange | None = None
         self._consumer_tag: str | None = None
-        self._consuming_on: aiormq.abc.AbstractChannel | None = None
-        self._reconsuming: asyncio.Task[None] | None = None
-        self._buffer: list[DeliveredMessage] = []
+        self._buffer: list[AbstractIncomingMessage] = []
         self._arrived = asyncio.Event()
-        # Messages whose effects are durable, to be acked together (in delivery order).
-        self._unacked: list[DeliveredMessage] = []
+        # Messages whose effects are durable, to be acked, by the channel they came on.
+        self._acks: dict[Any, AckWindow[AbstractIncomingMessage]] = {}
+        self._unacked = 0
         self._ack_every = max(1, min(ACK_EVERY, settings.prefetch // 4))
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_due = False
@@ -177,7 +159,11 @@ class Consumer:
         return c is not None and not c.is_closed and c.connected.is_set()
 
     async def start(self) -> None:
-        amqp_frames.install()
+        """Connect, declare the topology and start consuming.
+
+        Raise `QueueConflictError` when a queue exists as another type than
+        `CARGOLINT_QUEUE_TYPE` asks for.
+        """
         connection = await aio_pika.connect_robust(
             self._settings.amqp_url,
             reconnect_interval=RECONNECT_INTERVAL,
@@ -186,62 +172,34 @@ class Consumer:
         self._connection = connection
         connection.reconnect_callbacks.add(self._on_reconnect)
         connection.close_callbacks.add(self._on_close)
-        # Dead letters are published on their own confirming channel, so waiting for a
-        # confirm never stalls deliveries arriving on the consuming one.
-        publish_channel = await connection.channel(publisher_confirms=True)
-        _, self._dead = await declare_topology(publish_channel)
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self._settings.prefetch)
-        self._channel = channel
-        channel.reopen_callbacks.add(self._on_reopen)
-        self._task = asyncio.create_task(self._run(), name="consumer")
-        await self._consume()
-        self._metrics.consumer_up.set(1)
-        log.info("consuming", extra={"queue": QUEUE, "prefetch": self._settings.prefetch})
-
-    async def _consume(self) -> None:
-        """Start consuming on the channel's current aiormq channel, unless already there."""
-        assert self._channel is not None  # noqa: S101 - set by start()
-        amqp = await self._channel.get_underlay_channel()
-        if amqp is self._consuming_on:
-            return
-        amqp.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        # Messages reach `_take_message` from the channel's reading loop, in delivery order,
-        # with no task per message (engine.worker.amqp_frames); registered before consuming,
-        # so no message takes aiormq's own path past it.
-        tag = f"ctag{amqp.number}.{uuid.uuid4().hex}"
-        amqp_frames.consume_inline(amqp, tag, self._take_message)
-        ok = await amqp.basic_consume(QUEUE, self._on_message, consumer_tag=tag)
-        self._consuming_on = amqp
-        self._consumer_tag = ok.consumer_tag
-
-    async def _on_reopen(self, *_: Any) -> None:
-        if self._stopping:
-            return
         try:
-            await self._consume()
-        except (*_BROKER_LOST, aiormq.exceptions.AMQPError) as exc:
-            # The channel went away again: it is reopened, and this runs again, once it is back.
-            log.warning("could not consume on the reopened channel", extra={"error": repr(exc)})
-
-    def _on_cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
-        # The broker cancelled our consumer (the queue was deleted, a node went down).
-        if frame.consumer_tag != self._consumer_tag or self._stopping:
-            return
-        self._consuming_on = None
-        if self._reconsuming is None or self._reconsuming.done():
-            self._reconsuming = asyncio.create_task(self._reconsume(), name="reconsume")
-
-    async def _reconsume(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(RECONNECT_INTERVAL)
-            try:
-                await self._consume()
-            except (*_BROKER_LOST, aiormq.exceptions.AMQPError) as exc:
-                log.warning("consuming again failed; retrying", extra={"error": repr(exc)})
-            else:
-                log.info("consuming again after the broker cancelled the consumer")
-                return
+            # The robust channel declares the queue, sets the prefetch and consumes again
+            # after every reconnection; the topology is declared on it for that.
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self._settings.prefetch)
+            self._queue, _ = await declare_topology(channel, self._settings.queue_type)
+            # Dead letters are published on their own confirming channel, so waiting for a
+            # confirm never stalls deliveries arriving on the consuming one.
+            publish_channel = await connection.channel(publisher_confirms=True)
+            self._dead = await publish_channel.declare_exchange(
+                DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        except BaseException:
+            self._connection = None
+            connection.close_callbacks.discard(self._on_close)  # not a connection lost
+            await connection.close()
+            raise
+        self._task = asyncio.create_task(self._run(), name="consumer")
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._metrics.consumer_up.set(1)
+        log.info(
+            "consuming",
+            extra={
+                "queue": QUEUE,
+                "queue_type": self._settings.queue_type,
+                "prefetch": self._settings.prefetch,
+            },
+        )
 
     def _on_reconnect(self, *_: Any) -> None:
         self._metrics.consumer_up.set(1)
@@ -252,27 +210,10 @@ class Consumer:
         if not self._stopping:
             log.warning("connection to RabbitMQ lost; reconnecting")
 
-    def _take_message(self, message: DeliveredMessage) -> None:
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # aio-pika calls this in a task per message: it only buffers, the loop does the rest.
         self._buffer.append(message)
         self._arrived.set()
-
-    async def _on_message(self, message: DeliveredMessage) -> None:
-        # aiormq's path, should a message ever take it: the same buffer.
-        self._take_message(message)
-
-    def _on_ack_timer(self) -> None:
-        self._ack_timer = None
-        self._ack_due = True
-        self._arrived.set()
-
-    async def _flush_acks(self) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        self._ack_due = False
-        unacked, self._unacked = self._unacked, []
-        if unacked:
-            await _ack(unacked)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -293,13 +234,13 @@ class Consumer:
             if batch:
                 self._last_batch_at = loop.time()
                 await self._take(batch, loop.time())
-            if self._ack_due or len(self._unacked) >= self._ack_every:
+            if self._ack_due or self._unacked >= self._ack_every:
                 await self._flush_acks()
-            elif self._unacked and self._ack_timer is None:
+            if self._unacked and self._ack_timer is None:
                 self._ack_timer = loop.call_later(ACK_DELAY, self._on_ack_timer)
         await self._flush_acks()
 
-    async def _take(self, batch: list[DeliveredMessage], now: float) -> None:
+    async def _take(self, batch: list[AbstractIncomingMessage], now: float) -> None:
         """Process one batch and queue its acks; on failure its messages go back to the queue."""
         try:
             await self._process(batch, now)
@@ -311,18 +252,74 @@ class Consumer:
                 "broker connection lost mid-batch; its messages will be redelivered",
                 extra={"messages": len(batch), "error": repr(exc)},
             )
-            await _nack(batch)  # (nothing to do where their channel is gone, as it should be)
+            await self._return(batch)  # (nothing to do where their channel is gone)
         except Exception:  # a bug in one batch must not stop consuming
             log.exception("batch failed; returning its messages to the queue")
             await asyncio.sleep(1.0)  # no hot loop if it fails again
-            await _nack(batch)
+            await self._return(batch)
         else:
-            self._unacked.extend(batch)
+            for message in batch:
+                window = self._window(message)
+                if window is not None and message.delivery_tag is not None:
+                    window.done(message.delivery_tag, message)
+                    self._unacked += 1
 
-    async def _process(self, batch: Sequence[DeliveredMessage], now: float) -> None:
+    def _window(
+        self, message: AbstractIncomingMessage
+    ) -> AckWindow[AbstractIncomingMessage] | None:
+        """The acks of the channel `message` came on; None once that channel is closed (the
+        broker then redelivers the message: nothing to ack)."""
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            return None
+        window = self._acks.get(channel)
+        if window is None:
+            window = self._acks[channel] = AckWindow(ACK_GAP_PATIENCE)
+        return window
+
+    async def _return(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+        """Reject `batch` back to the queue, to be delivered again."""
+        for message in batch:
+            window = self._window(message)
+            if window is None or message.delivery_tag is None:
+                continue
+            window.returned(message.delivery_tag)
+            await _settle(message, ack=False)
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self._ack_due = True
+        self._arrived.set()
+
+    async def _flush_acks(self) -> None:
+        """Ack what is done: a multiple-ack per channel up to its first gap (see AckWindow)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._ack_due = False
+        now = asyncio.get_running_loop().time()
+        for channel, window in list(self._acks.items()):
+            if channel.is_closed:
+                del self._acks[channel]  # its messages are redelivered
+                continue
+            last, alone = window.take(now)
+            if alone:
+                log.warning(
+                    "a delivery never reached the consumer; acking later ones one by one",
+                    extra={"delivery_tag": window.gap, "messages": len(alone)},
+                )
+            for message in alone:
+                await _settle(message, ack=True)
+            if last is not None:
+                await _settle(last, ack=True, multiple=True)
+        self._unacked = sum(len(window) for window in self._acks.values())
+
+    async def _process(self, batch: Sequence[AbstractIncomingMessage], now: float) -> None:
+        """Validate the batch, dead-letter what is invalid, record and dispatch the rest."""
         events: list[Event] = []
-        accepted: list[tuple[DeliveredMessage, Event]] = []
-        invalid: list[tuple[DeliveredMessage, InvalidEventError]] = []
+        accepted: list[tuple[AbstractIncomingMessage, Event]] = []
+        invalid: list[tuple[AbstractIncomingMessage, InvalidEventError]] = []
         for message in batch:
             try:
                 event = parse_event(message.body)
@@ -333,7 +330,17 @@ class Consumer:
                 accepted.append((message, event))
         if invalid:
             await asyncio.gather(*(self._dead_letter(m, e) for m, e in invalid))
+        await self._record(events, accepted, invalid, now)
 
+    async def _record(
+        self,
+        events: list[Event],
+        accepted: list[tuple[AbstractIncomingMessage, Event]],
+        invalid: list[tuple[AbstractIncomingMessage, InvalidEventError]],
+        now: float,
+    ) -> None:
+        """Insert the valid events and their deliveries, then hand the new ones to the
+        dispatcher; dead-letter the events Postgres refuses to store."""
         deliveries: dict[str, NewDelivery] = {}
         matched: dict[tuple[str, str], Event] = {}
         for event in events:
@@ -456,27 +463,28 @@ class Consumer:
                 )
             return new_ids, retaken
 
-    async def _dead_letter(self, message: DeliveredMessage, error: InvalidEventError) -> None:
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, error: InvalidEventError
+    ) -> None:
         assert self._dead is not None  # noqa: S101 - set by start()
         reason = f"{error.reason}: {error.detail}"[:1000]
-        props = message.header.properties
-        headers = dict(props.headers or {})
+        headers = dict(message.headers or {})
         headers[REASON_HEADER] = reason
         # The original body and properties, made persistent. Not user_id (the broker checks it
         # against our login) nor expiration (a dead letter must not vanish).
         copy = aio_pika.Message(
             body=message.body,
             headers=headers,
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=props.priority,
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            message_id=props.message_id,
-            timestamp=props.timestamp,
-            type=props.message_type,
-            app_id=props.app_id,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
         )
         await self._dead.publish(copy, routing_key=message.routing_key or "")
         self._metrics.events_dead_lettered_by(error.reason).inc()
@@ -489,13 +497,12 @@ class Consumer:
         """Stop taking messages and finish the batch under way, waiting at most `wait` seconds
         (Postgres may be down); unacked messages go back to the queue when the channel closes."""
         self._stopping = True
-        if self._reconsuming is not None:
-            self._reconsuming.cancel()
-        amqp, self._consuming_on = self._consuming_on, None
-        if amqp is not None and self._consumer_tag is not None:
-            with contextlib.suppress(*_BROKER_LOST, aiormq.exceptions.AMQPError, TimeoutError):
+        queue, tag = self._queue, self._consumer_tag
+        self._consumer_tag = None
+        if queue is not None and tag is not None:
+            with contextlib.suppress(*_BROKER_LOST, AMQPError, TimeoutError):
                 async with asyncio.timeout(wait):
-                    await amqp.basic_cancel(self._consumer_tag)
+                    await queue.cancel(tag)
         if self._task is not None:
             self._arrived.set()
             _, late = await asyncio.wait({self._task}, timeout=wait)
@@ -505,6 +512,7 @@ class Consumer:
             self._task = None
 
     async def close(self, wait: float = 5.0) -> None:
+        """Stop, then close the connection: what is not acked goes back to the queue."""
         await self.stop(wait)
         if self._connection is not None:
             await self._connection.close()
@@ -518,39 +526,24 @@ def _refusal(exc: BaseException) -> str:
     return " ".join(str(message).split())[:300]
 
 
-async def _ack(batch: Sequence[DeliveredMessage]) -> None:
-    """Ack a batch with one multiple-ack per channel (batches are handled in delivery order)."""
-    last: dict[int, DeliveredMessage] = {}
-    for message in batch:
-        last[id(message.channel)] = message
-    for message in last.values():
-        tag = message.delivery_tag
-        if tag is None:
-            continue
-        try:
-            await message.channel.basic_ack(tag, multiple=True)
-        except BaseException as exc:
-            if not _gone_with_channel(exc, message.channel):
-                raise
+async def _settle(message: AbstractIncomingMessage, *, ack: bool, multiple: bool = False) -> None:
+    """Ack `message` (with every earlier one of its channel when `multiple`), or reject it back
+    to the queue; nothing to do when its channel went away meanwhile."""
+    try:
+        if ack:
+            await message.ack(multiple=multiple)
+        else:
+            await message.reject(requeue=True)
+    except BaseException as exc:
+        if not _gone_with_channel(exc, message):
+            raise
 
 
-async def _nack(batch: Sequence[DeliveredMessage]) -> None:
-    for message in batch:
-        tag = message.delivery_tag
-        if tag is None:
-            continue
-        try:
-            await message.channel.basic_reject(tag, requeue=True)
-        except BaseException as exc:
-            if not _gone_with_channel(exc, message.channel):
-                raise
-
-
-def _gone_with_channel(exc: BaseException, channel: aiormq.abc.AbstractChannel) -> bool:
-    """Whether `exc`, raised by an ack or reject on `channel`, only says the channel went away:
+def _gone_with_channel(exc: BaseException, message: AbstractIncomingMessage) -> bool:
+    """Whether `exc`, raised by an ack or reject of `message`, only says its channel went away:
     the broker then redelivers the messages, so there is nothing more to do.
 
-    aiormq fails a frame still waiting to be written when its connection closes with whatever the
+    A frame still waiting to be written when its connection closes fails with whatever the
     close carries: a connection error, a bare `Exception`, or `CancelledError` — which is then not
     this task being cancelled, and must not end it (it once ended the consuming loop, silently).
     """
@@ -558,7 +551,15 @@ def _gone_with_channel(exc: BaseException, channel: aiormq.abc.AbstractChannel) 
         return True
     if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
         return False
-    return isinstance(exc, Exception | asyncio.CancelledError) and channel.is_closed
+    return isinstance(exc, Exception | asyncio.CancelledError) and _channel_closed(message)
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    try:
+        message.channel  # noqa: B018 - aio-pika raises here once the channel is closed
+    except ChannelInvalidStateError:
+        return True
+    return False
 
 
 def _being_cancelled() -> bool:

@@ -25,7 +25,7 @@ from engine.settings import Settings
 from engine.store.db import create_pool
 from engine.store.queue import release_worker
 from engine.worker.cache import SubscriptionCache
-from engine.worker.consumer import Consumer
+from engine.worker.consumer import Consumer, QueueConflictError
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.health import HealthServer
 from engine.worker.metrics import Metrics
@@ -173,7 +173,8 @@ class Worker:
 
 async def run(settings: Settings) -> int:
     """Run the delivery engine until SIGTERM or SIGINT; exit 0 after a graceful stop, 1 after
-    one of its loops ended unexpectedly (see `Worker._supervise`)."""
+    one of its loops ended unexpectedly (see `Worker._supervise`), 2 when a queue exists as
+    another type than `CARGOLINT_QUEUE_TYPE` asks for."""
     if not settings.secret_keys:
         log.warning("CARGOLINT_SECRET_KEY is not set: signing secrets are stored unencrypted")
     stop = asyncio.Event()
@@ -205,6 +206,10 @@ async def run(settings: Settings) -> int:
                     "shutting down",
                     extra={"grace_s": settings.shutdown_grace, "failure": worker.failure},
                 )
+            except QueueConflictError as exc:
+                # The operator must act (deploy/README.md): one clear line, no stack trace.
+                log.critical(str(exc), extra={"queue": exc.queue})
+                return 2
             finally:
                 await worker.stop()
                 await health.close()

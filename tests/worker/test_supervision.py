@@ -9,14 +9,14 @@ import os
 import signal
 from typing import Any
 
-import aiormq
+import aio_pika
 import asyncpg
 import pytest
-from aiormq.abc import DeliveredMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from engine.settings import Settings
 from engine.worker import main
-from engine.worker.consumer import _ack, _nack
+from engine.worker.consumer import _settle
 from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker
 from tests.worker.helpers import (
@@ -29,44 +29,51 @@ from tests.worker.helpers import (
 )
 
 
-async def _one_message(amqp_url: str) -> tuple[aiormq.abc.AbstractConnection, DeliveredMessage]:
+async def _one_message(amqp_url: str) -> tuple[AbstractConnection, AbstractIncomingMessage]:
     """A connection and a message delivered on it, not yet acked."""
-    connection = await aiormq.connect(amqp_url)
+    connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
-    declared = await channel.queue_declare("", exclusive=True)
-    queue = declared.queue
-    assert queue is not None
-    await channel.basic_publish(b"{}", routing_key=queue)
-    delivered: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+    queue = await channel.declare_queue("", exclusive=True)
+    await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue.name)
+    delivered: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
 
-    async def on_message(message: DeliveredMessage) -> None:
+    async def on_message(message: AbstractIncomingMessage) -> None:
         delivered.set_result(message)
 
-    await channel.basic_consume(queue, on_message)
+    await queue.consume(on_message)
     return connection, await delivered
 
 
-@pytest.mark.parametrize("settle", [_ack, _nack])
+async def _ack(message: AbstractIncomingMessage) -> None:
+    await _settle(message, ack=True, multiple=True)
+
+
+async def _reject(message: AbstractIncomingMessage) -> None:
+    await _settle(message, ack=False)
+
+
+@pytest.mark.parametrize("settle", [_ack, _reject])
 @pytest.mark.parametrize("turns", [0, 1, 2])
 async def test_an_ack_caught_by_its_connections_close_is_not_an_error(
     amqp_url: str, settle: Any, turns: int
 ) -> None:
-    # The frame is queued, its connection closes before it is written: aiormq fails the wait with
-    # the close's reason — CancelledError or a bare Exception, found here at 0 and 1 turns — and
+    # The frame is queued, its connection closes before it is written: the wait fails with the
+    # close's reason — CancelledError or a bare Exception, found here at 0 and 1 turns — and
     # that once ended the consuming loop. The broker redelivers the message: nothing to do.
     connection, message = await _one_message(amqp_url)
-    settling = asyncio.create_task(settle([message]))
+    settling = asyncio.create_task(settle(message))
     for _ in range(turns):
         await asyncio.sleep(0)
     await connection.close()
     await asyncio.wait_for(settling, 10)  # returns, whatever the turn the close came at
-    assert message.channel.is_closed
+    with pytest.raises(aio_pika.exceptions.ChannelInvalidStateError):
+        message.channel  # noqa: B018 - closed with its connection
 
 
 async def test_cancelling_an_ack_still_cancels_it(amqp_url: str) -> None:
     connection, message = await _one_message(amqp_url)
     try:
-        settling = asyncio.create_task(_ack([message]))
+        settling = asyncio.create_task(_ack(message))
         await asyncio.sleep(0)
         settling.cancel()
         with pytest.raises(asyncio.CancelledError):
