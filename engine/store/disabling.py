@@ -56,12 +56,13 @@ class Streak:
 
 
 def streaks(seen: Iterable[Seen]) -> list[Streak]:
-    """Each webhook's streak in a batch of verdicts, in any order (attempts end out of order)."""
+    """Each webhook's streak in a batch of verdicts, in any order (attempts end out of order),
+    by webhook id: workers that write overlapping batches lock their rows in the same order."""
     by_webhook: dict[str, list[Seen]] = {}
     for s in seen:
         by_webhook.setdefault(s.webhook_id, []).append(s)
     result: list[Streak] = []
-    for webhook_id, verdicts in by_webhook.items():
+    for webhook_id, verdicts in sorted(by_webhook.items()):
         ok_at = max((s.at for s in verdicts if s.succeeded), default=None)
         failed = [s.at for s in verdicts if not s.succeeded and (ok_at is None or s.at > ok_at)]
         result.append(

@@ -99,7 +99,7 @@ class Recorder:
         else:
             gone = outcome.status == HTTP_GONE
             delay = None
-            if not gone:
+            if not gone:  # the schedule counts from where the last resend began it
                 delay = next_delay(
                     job.attempt,
                     self._settings.retry_schedule,
@@ -107,14 +107,13 @@ class Recorder:
                     retry_after=outcome.retry_after,
                 )
             extra = {**ids, "attempt": job.attempt, "error": outcome.error}
-            if gone:
+            if delay is None:
                 status = "failed"
                 self._metrics.deliveries_by(event_type, "failed").inc()
-                log.warning("receiver answered 410 Gone; delivery failed", extra=extra)
-            elif delay is None:
-                status = "failed"
-                self._metrics.deliveries_by(event_type, "failed").inc()
-                log.warning("delivery failed after its last attempt", extra=extra)
+                if gone:
+                    log.warning("receiver answered 410 Gone; delivery failed", extra=extra)
+                else:
+                    log.warning("delivery failed after its last attempt", extra=extra)
             else:
                 status = "pending"
                 # The wait counts from the failure, when the answer came or the attempt gave
@@ -237,7 +236,7 @@ class Recorder:
                     (webhook_id, "gone")
                     for webhook_id in await disable_webhooks(conn, sorted(said_gone), "gone")
                 ]
-                failing = [(w, since) for w, since in failing if w not in said_gone]
+                failing = sorted((w, since) for w, since in failing if w not in said_gone)
                 ids = await disable_webhooks(
                     conn,
                     [w for w, _ in failing],
