@@ -33,6 +33,11 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= 1.0
 
+    def empty(self, now: float) -> None:
+        """Take every token there is: the next comes in 1/rate seconds."""
+        self._refill(now)
+        self._tokens = min(self._tokens, 0.0)
+
     def try_take(self, now: float) -> float:
         """Take a token and return 0.0, or return the seconds until one will be available."""
         wait = self.wait(now)

@@ -50,8 +50,11 @@ RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, resp
 class NewDelivery:
     """A delivery to create: the (event, webhook) pair and its deterministic id.
 
-    `park_for` > 0: created unclaimed, first due that many seconds from now (a failing
-    endpoint's backlog beyond what its worker holds in memory, see `Dispatcher.parking`).
+    `endpoint` is its webhook's endpoint (`engine.worker.dispatcher.endpoint_key`). `claimed`:
+    the inserting worker claims it (it sends to that endpoint and has room); if not, it is
+    created unclaimed for the endpoint's lease holder. `park_for` > 0: created unclaimed,
+    first due that many seconds from now (a failing endpoint's backlog beyond what its worker
+    holds in memory, see `Dispatcher.place`).
     """
 
     id: str
@@ -59,6 +62,8 @@ class NewDelivery:
     event: Event
     is_test: bool = False
     park_for: float = 0.0
+    endpoint: str | None = None
+    claimed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +93,18 @@ _INSERT_EVENTS = """INSERT INTO events (account_id, id, mode, type, "timestamp",
 # data-modifying CTE, and a refused event refuses its deliveries with it (all or nothing).
 _INSERT_EVENTS_AND_DELIVERIES = f"""WITH ev AS ({_INSERT_EVENTS})
     INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
-                            next_attempt_at, claimed_by)
+                            next_attempt_at, claimed_by, endpoint)
     SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
            -- a test delivery is attempted once, by the API: never due for a worker
            CASE WHEN d.is_test THEN NULL
                 WHEN d.park_for > 0 THEN now() + d.park_for * interval '1 second'
                 ELSE now() END,
-           CASE WHEN d.park_for > 0 THEN NULL ELSE $13 END
+           CASE WHEN d.park_for > 0 OR NOT d.claimed THEN NULL ELSE $13 END,
+           d.endpoint
     FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[],
-                $14::float8[])
-         AS d(id, webhook_id, account_id, event_id, event_type, is_test, park_for)
+                $14::float8[], $15::text[], $16::bool[])
+         AS d(id, webhook_id, account_id, event_id, event_type, is_test, park_for, endpoint,
+              claimed)
     ON CONFLICT (id) DO NOTHING
     RETURNING id"""
 
@@ -137,6 +144,8 @@ async def insert_events_and_deliveries(
         [d.is_test for d in deliveries],
         claimed_by,
         [d.park_for for d in deliveries],
+        [d.endpoint for d in deliveries],
+        [d.claimed for d in deliveries],
     )
     return {r["id"] for r in rows}
 

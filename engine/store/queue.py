@@ -7,7 +7,7 @@ loses its claims after one lease and any other worker takes them over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +19,7 @@ __all__ = [
     "QueueDepth",
     "claim_due",
     "end_deliveries",
+    "hand_back_deliveries",
     "heartbeat",
     "own_stale",
     "park_deliveries",
@@ -57,35 +58,37 @@ class QueueDepth:
     waiting: int
 
 
-async def claim_due(
-    conn: Conn, worker_id: str, *, limit: int, skip: Sequence[str] = ()
-) -> list[ClaimedDelivery]:
-    """Claim up to `limit` due pending deliveries no worker holds, oldest due first.
+async def claim_due(conn: Conn, worker_id: str, wants: Mapping[str, int]) -> list[ClaimedDelivery]:
+    """Claim due pending deliveries no worker holds: for each endpoint in `wants`, up to its
+    number, oldest due first.
 
+    The caller holds those endpoints' leases (`engine.store.endpoints`), so it is the one worker
+    sending to them. Per endpoint, so a backlog at one endpoint never stands in front of another
+    endpoint's due deliveries (each is a short scan of `deliveries_unclaimed_by_endpoint`).
     SKIP LOCKED lets several workers claim at once without waiting on each other or taking the
     same row twice. Deliveries held by a worker that stopped beating come back here once
-    `release_lapsed` has released them. Deliveries of the webhooks in `skip` stay where they
-    are, due, for a later claim.
+    `release_lapsed` has released them.
     """
-    if limit <= 0:
+    wants = {endpoint: n for endpoint, n in wants.items() if n > 0}
+    if not wants:
         return []
     rows = await conn.fetch(
         """UPDATE deliveries d SET claimed_by = $1
             FROM events e
             WHERE d.id IN (
-                    SELECT d.id FROM deliveries d
-                    WHERE d.status = 'pending' AND d.claimed_by IS NULL
-                      AND d.next_attempt_at <= now()
-                      AND d.webhook_id <> ALL($3::text[])
-                    ORDER BY d.next_attempt_at
-                    LIMIT $2
-                    FOR UPDATE OF d SKIP LOCKED)
+                    SELECT c.id FROM unnest($2::text[], $3::int[]) AS w(endpoint, n),
+                    LATERAL (SELECT x.id FROM deliveries x
+                             WHERE x.endpoint = w.endpoint AND x.status = 'pending'
+                               AND x.claimed_by IS NULL AND x.next_attempt_at <= now()
+                             ORDER BY x.next_attempt_at
+                             LIMIT w.n
+                             FOR UPDATE SKIP LOCKED) c)
               AND e.account_id = d.account_id AND e.id = d.event_id
             RETURNING d.id, d.webhook_id, d.attempts, d.retry_base, e.id AS event_id, e.type,
                       e.account_id, e.mode, e."timestamp", e.data""",
         worker_id,
-        limit,
-        list(skip),
+        list(wants),
+        list(wants.values()),
     )
     return [
         ClaimedDelivery(
@@ -200,14 +203,19 @@ async def heartbeat(conn: Conn, worker_id: str, hostname: str) -> None:
 
 
 async def release_worker(conn: Conn, worker_id: str) -> int:
-    """Release every pending delivery `worker_id` holds and delete its row, in one statement.
+    """Release every pending delivery and endpoint lease `worker_id` holds and delete its row,
+    in one statement.
 
-    Others may then claim the deliveries at once instead of waiting out the lease.
+    Others may then claim the deliveries and take the endpoints at once instead of waiting out
+    the lease. The caller has no attempt under way any more.
     """
     released: int = await conn.fetchval(
         """WITH released AS (
                UPDATE deliveries SET claimed_by = NULL
                WHERE claimed_by = $1 AND status = 'pending' RETURNING 1),
+           leases AS (
+               UPDATE endpoint_leases SET worker_id = NULL, released_at = now()
+               WHERE worker_id = $1),
            gone AS (DELETE FROM workers WHERE id = $1)
            SELECT count(*) FROM released""",
         worker_id,
@@ -228,6 +236,23 @@ async def park_deliveries(
            WHERE d.id = u.id AND {STILL_PENDING}""",
         list(delivery_ids),
         list(until),
+    )
+
+
+async def hand_back_deliveries(
+    conn: Conn, delivery_ids: Sequence[str], endpoints: Sequence[str]
+) -> None:
+    """Give up this worker's hold on pending deliveries of endpoints it does not send to,
+    recording each one's endpoint (its webhook's URL may have moved), so that the holder of
+    that endpoint's lease claims them."""
+    if not delivery_ids:
+        return
+    await conn.execute(
+        f"""UPDATE deliveries d SET claimed_by = NULL, endpoint = u.endpoint
+           FROM unnest($1::text[], $2::text[]) AS u(id, endpoint)
+           WHERE d.id = u.id AND {STILL_PENDING}""",
+        list(delivery_ids),
+        list(endpoints),
     )
 
 

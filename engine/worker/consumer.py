@@ -348,27 +348,21 @@ class Consumer:
                 dlv = delivery_id(target.id, event.account_id, event.id)
                 deliveries.setdefault(dlv, NewDelivery(dlv, target.id, event))
                 matched.setdefault((event.account_id, event.id), event)
-        # With no room in memory the deliveries stay unclaimed: the poller takes them later.
-        hold = self._dispatcher.room() >= len(deliveries)
-        parked: dict[str, float] = {}
-        if hold:
-            parked = self._dispatcher.parking((d.id, d.webhook_id) for d in deliveries.values())
-            for dlv, seconds in parked.items():
-                deliveries[dlv] = replace(deliveries[dlv], park_for=seconds)
+        deliveries = await self._placed(deliveries)
         new_ids: set[str] = set()
         retaken: dict[str, int] = {}
         refused: dict[tuple[str, str], InvalidEventError] = {}
         if deliveries:
             try:
                 new_ids, retaken = await self._insert_retrying(
-                    list(matched.values()), list(deliveries.values()), hold
+                    list(matched.values()), list(deliveries.values())
                 )
             except REJECTED as exc:
                 log.warning(
                     "database refused a batch; recording its events apart",
                     extra={"events": len(matched), "error": _refusal(exc)},
                 )
-                new_ids, retaken, refused = await self._insert_apart(matched, deliveries, hold)
+                new_ids, retaken, refused = await self._insert_apart(matched, deliveries)
         rejected = [
             (message, refused[key])
             for message, event in accepted
@@ -383,13 +377,13 @@ class Consumer:
             self._metrics.events_consumed_by("dead_lettered").inc(len(invalid) + len(rejected))
         for dlv in new_ids:
             self._metrics.deliveries_created_by(deliveries[dlv].event.type).inc()
-        if parked:
-            self._metrics.deliveries_parked.inc(sum(1 for dlv in parked if dlv in new_ids))
-        if hold and (new_ids or retaken):
+        if parked := sum(1 for d in deliveries.values() if d.park_for > 0 and d.id in new_ids):
+            self._metrics.deliveries_parked.inc(parked)
+        if new_ids or retaken:
             self._dispatcher.submit(
                 Job(d.id, d.webhook_id, d.event, 1, now)
                 for d in deliveries.values()
-                if d.id in new_ids and d.id not in parked
+                if d.id in new_ids and d.claimed and d.park_for <= 0
             )
             self._dispatcher.submit(
                 Job(d.id, d.webhook_id, d.event, retaken[d.id] + 1)
@@ -397,18 +391,35 @@ class Consumer:
                 if d.id in retaken
             )
 
+    async def _placed(self, deliveries: dict[str, NewDelivery]) -> dict[str, NewDelivery]:
+        """The deliveries with their endpoint and whether this worker claims them.
+
+        It claims those whose endpoint it sends to (it holds or takes the endpoint's lease)
+        while that endpoint and the worker have room in memory (`Dispatcher.place`). The rest
+        are created unclaimed, for the poller of the worker that sends to their endpoint (a
+        full failing endpoint's parked, due a while later).
+        """
+        placed = await self._dispatcher.place((d.id, d.webhook_id) for d in deliveries.values())
+        for dlv, where in placed.items():
+            deliveries[dlv] = replace(
+                deliveries[dlv],
+                endpoint=where.endpoint,
+                claimed=where.claimed,
+                park_for=where.park_for,
+            )
+        return deliveries
+
     async def _insert_retrying(
-        self, events: list[Event], deliveries: list[NewDelivery], hold: bool
+        self, events: list[Event], deliveries: list[NewDelivery]
     ) -> tuple[set[str], dict[str, int]]:
         return await retry_transient(
-            lambda: self._insert(events, deliveries, hold), what="record new deliveries"
+            lambda: self._insert(events, deliveries), what="record new deliveries"
         )
 
     async def _insert_apart(
         self,
         matched: dict[tuple[str, str], Event],
         deliveries: dict[str, NewDelivery],
-        hold: bool,
     ) -> tuple[set[str], dict[str, int], dict[tuple[str, str], InvalidEventError]]:
         """Insert a batch Postgres refused as a whole by halves, down to single events.
 
@@ -430,7 +441,7 @@ class Consumer:
                 continue
             try:
                 new, again = await self._insert_retrying(
-                    [matched[k] for k in part], [d for k in part for d in of_event[k]], hold
+                    [matched[k] for k in part], [d for k in part for d in of_event[k]]
                 )
             except REJECTED as exc:
                 if len(part) > 1:
@@ -443,21 +454,21 @@ class Consumer:
         return new_ids, retaken, refused
 
     async def _insert(
-        self, events: list[Event], deliveries: list[NewDelivery], hold: bool
+        self, events: list[Event], deliveries: list[NewDelivery]
     ) -> tuple[set[str], dict[str, int]]:
         """Insert; return the new delivery ids, and the existing ones taken up again."""
         # No transaction: the insert is one statement, and retaking is safe to run again.
         async with self._pool.acquire() as conn:
             new_ids = await insert_events_and_deliveries(
-                conn, events, deliveries, claimed_by=self._worker_id if hold else None
+                conn, events, deliveries, claimed_by=self._worker_id
             )
             existing = [
                 d.id
                 for d in deliveries
-                if d.id not in new_ids and d.id not in self._dispatcher.held
+                if d.id not in new_ids and d.claimed and d.id not in self._dispatcher.held
             ]
             retaken: dict[str, int] = {}
-            if hold and existing:
+            if existing:
                 retaken = await retake_due(
                     conn, self._worker_id, existing, lease=self._settings.worker_lease
                 )

@@ -18,8 +18,14 @@ second, so retries that come due together do not all take the CPU at once. A fai
 holds at most `hold_each` jobs in memory; the ones beyond are parked — put back in Postgres,
 due a while later, spread over half as long again so they do not all come back at once — so
 dead endpoints cannot fill the memory that healthy ones' deliveries pass through. While it
-still holds at least half of that, the poller leaves its webhooks' due deliveries in Postgres
-(`held_back`): claimed, they would only be parked again.
+still holds at least half of that, the poller leaves its due deliveries in Postgres (`wants`):
+claimed, they would only be parked again. Every other endpoint holds at most `hold_each` jobs
+in memory too; the rest wait in Postgres, due, and are claimed per endpoint as it makes room,
+so a deep backlog at one endpoint never stands in front of another's deliveries.
+
+The worker sends only to endpoints whose lease it holds (`engine.worker.leases`): one worker per
+endpoint at a time, so the rate and concurrency above hold for the whole deployment. A job for
+an endpoint held by another worker goes back to Postgres, unclaimed, for that worker's poller.
 
 Just before an attempt the webhook is looked up in the cache: the attempt uses its current URL
 and secret, and a deleted or deactivated webhook ends the delivery `failed` with no request.
@@ -32,8 +38,9 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -46,10 +53,12 @@ from engine.settings import Settings
 from engine.store.webhooks import WebhookTarget
 from engine.worker.cache import SubscriptionCache
 from engine.worker.job import Job
+from engine.worker.leases import Leases
 from engine.worker.metrics import Metrics
 from engine.worker.recorder import Recorder
+from engine.worker.retrying import TRANSIENT
 
-__all__ = ["INTERNAL", "Dispatcher", "endpoint_key"]
+__all__ = ["INTERNAL", "Dispatcher", "Placement", "endpoint_key"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,12 @@ INTERNAL = "internal"
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 # Idle endpoints are forgotten after this long, once their bucket would be full again anyway.
 _SWEEP_INTERVAL = 30.0
+# An endpoint whose lease another worker holds is not asked for again for this long: its
+# deliveries go to Postgres unclaimed meanwhile, for that worker (or, should it let the lease
+# go, for whoever finds them due next).
+_OTHERS_FOR = 1.0
+# While the leases wait for a heartbeat to get through, a held endpoint looks again this often.
+_LEASE_RECHECK = 0.1
 
 
 def endpoint_key(url: str) -> str:
@@ -67,6 +82,17 @@ def endpoint_key(url: str) -> str:
     scheme = parts.scheme.lower()
     port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
     return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a delivery about to be created goes: claimed by this worker (which sends to its
+    endpoint and has room for it), or unclaimed in Postgres, due now or `park_for` seconds
+    from now. `endpoint` is None if its webhook went away meanwhile."""
+
+    endpoint: str | None
+    claimed: bool
+    park_for: float = 0.0
 
 
 class _Endpoint:
@@ -109,9 +135,11 @@ class Dispatcher:
         sender: Sender,
         recorder: Recorder,
         metrics: Metrics,
+        leases: Leases,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
+        self._leases = leases
         self._cache = cache
         self._sender = sender
         self._recorder = recorder
@@ -126,12 +154,14 @@ class Dispatcher:
         self._queued = 0
         self._stopping = False
         self._keys: dict[str, str] = {}  # url → endpoint key, so hot paths skip urlsplit
+        self._others: dict[str, float] = {}  # endpoint → until when it is left to its holder
         # Deliveries this worker holds in memory, from submit until their outcome is written.
         self.held: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
         # Bound on jobs held in memory; beyond it new work stays in Postgres for the poller.
         self.capacity = max(10_000, 20 * settings.max_in_flight)
-        # Bound on the jobs one failing endpoint holds; beyond it they are parked in Postgres.
+        # Bound on the jobs one endpoint holds in memory; beyond it they stay in Postgres, due
+        # (a failing endpoint's are parked there, due later), and are claimed as it makes room.
         self.hold_each = self.capacity // 20
         # The longest pause between a failing endpoint's attempts: at most a second, and never
         # longer than the first retry's wait, so a short schedule is not stretched much.
@@ -189,16 +219,25 @@ class Dispatcher:
             key = self._keys[url] = endpoint_key(url)
         return key
 
-    def _enqueue(self, key: str, job: Job) -> None:
+    def _endpoint(self, key: str, now: float) -> _Endpoint:
         endpoint = self._endpoints.get(key)
-        now = self._clock()
         if endpoint is None:
             rate = self._settings.endpoint_rate
             bucket = TokenBucket(rate, max(1.0, rate), now)
             limit = self._settings.endpoint_concurrency
             breaker = Breaker(self._pause_cap)
             endpoint = self._endpoints[key] = _Endpoint(key, bucket, breaker, now, limit)
-        elif self._full(endpoint):
+        return endpoint
+
+    def _enqueue(self, key: str, job: Job) -> None:
+        if not self._leases.holds(key):
+            # Another worker sends to this endpoint (or nobody, for now): the holder of its
+            # lease claims the delivery from Postgres.
+            self._recorder.hand_back(job, key)
+            return
+        now = self._clock()
+        endpoint = self._endpoint(key, now)
+        if self._full(endpoint):
             self._recorder.park(job, self._park(endpoint, job.webhook_id, now))
             return
         endpoint.queue.append(job)
@@ -213,43 +252,138 @@ class Dispatcher:
         """Whether a failing endpoint holds all it may in memory (the rest is parked)."""
         return ep.breaker.tripped and len(ep.queue) >= self.hold_each
 
-    def held_back(self) -> list[str]:
-        """Webhooks whose due deliveries the poller leaves in Postgres for now.
+    async def place(self, deliveries: Iterable[tuple[str, str]]) -> dict[str, Placement]:
+        """Where each of these (delivery id, webhook id) pairs about to be created goes.
 
-        Those of failing endpoints that parked jobs and still hold at least half of what they
-        may in memory: claimed, their deliveries would only be parked again, a claim and an
-        update each, poll after poll. They are claimed as usual once the endpoint is down to
-        half (what does not fit is parked again: once per half a queue, not once per attempt)
-        or has recovered. A webhook whose URL moved to another endpoint is not held back.
+        Claimed by this worker if it sends to the endpoint — it holds the lease, or takes it
+        now that nobody does — and the endpoint and the worker have room; else unclaimed, for
+        the lease holder's poller. A failing endpoint that holds all it may in memory has its
+        new deliveries created parked: queued they would only be parked again (`_enqueue`).
         """
-        held: list[str] = []
-        for ep in self._endpoints.values():
-            if ep.parked and ep.breaker.tripped and len(ep.queue) >= self.hold_each // 2:
-                for webhook_id in ep.parked:
-                    target = self._cache.get(webhook_id)
-                    if target is not None and self._key(target.url) == ep.key:
-                        held.append(webhook_id)
-        return held
-
-    def parking(self, deliveries: Iterable[tuple[str, str]]) -> dict[str, float]:
-        """Of these (delivery id, webhook id) pairs about to be created, those to create parked,
-        with the seconds each waits in Postgres.
-
-        Their endpoint is failing and holds all it may in memory, so queued they would only be
-        parked again (`_enqueue`): an insert and an update each, where the insert can say it.
-        """
-        parks: dict[str, float] = {}
-        now = self._clock()
-        for delivery_id, webhook_id in deliveries:
+        pairs = list(deliveries)
+        keys: dict[str, str] = {}
+        for delivery_id, webhook_id in pairs:
             target = self._cache.get(webhook_id)
-            endpoint = self._endpoints.get(self._key(target.url)) if target is not None else None
-            if endpoint is not None and self._full(endpoint):
-                parks[delivery_id] = self._park(endpoint, webhook_id, now)
-        return parks
+            if target is not None:
+                keys[delivery_id] = self._key(target.url)
+        await self.lease(keys.values())
+        now = self._clock()
+        room = self.room()
+        taking: Counter[str] = Counter()
+        placed: dict[str, Placement] = {}
+        for delivery_id, webhook_id in pairs:
+            key = keys.get(delivery_id)
+            if key is None:  # gone since it was matched: claimed, it ends at once (`submit`)
+                placed[delivery_id] = Placement(None, claimed=True)
+                continue
+            ep = self._endpoints.get(key)
+            queued = len(ep.queue) if ep is not None else 0
+            if not self._leases.holds(key):
+                placed[delivery_id] = Placement(key, claimed=False)
+            elif room > 0 and queued + taking[key] < self.hold_each:
+                room -= 1
+                taking[key] += 1
+                placed[delivery_id] = Placement(key, claimed=True)
+            elif ep is not None and ep.breaker.tripped:
+                park_for = self._park(ep, webhook_id, now)
+                placed[delivery_id] = Placement(key, claimed=False, park_for=park_for)
+            else:
+                placed[delivery_id] = Placement(key, claimed=False)
+        return placed
+
+    async def lease(self, endpoints: Iterable[str]) -> set[str]:
+        """Take the leases of those endpoints nobody holds; return the ones taken.
+
+        A new holder starts with an empty token bucket unless the endpoint was quiet — its
+        previous holder released it long enough ago for a full bucket — so the handover never
+        sends more than one bucket would.
+        """
+        if not self._leases.valid:
+            return set()
+        now = self._clock()
+        wanted = {
+            key
+            for key in endpoints
+            if not self._leases.holds(key) and self._others.get(key, 0.0) <= now
+        }
+        if not wanted:
+            return set()
+        try:
+            taken = await self._leases.acquire(wanted)
+        except TRANSIENT as exc:  # their deliveries wait in Postgres for a later poll
+            log.warning("taking endpoint leases failed", extra={"error": str(exc)})
+            return set()
+        now = self._clock()
+        for key in wanted:
+            if key not in taken:
+                self._others[key] = now + _OTHERS_FOR
+                continue
+            self._others.pop(key, None)
+            fresh = key not in self._endpoints
+            ep = self._endpoint(key, now)
+            if not taken[key]:
+                ep.bucket.empty(now)
+            elif fresh:
+                ep.last_used = now
+        return set(taken)
+
+    def wants(self) -> dict[str, int]:
+        """How many due deliveries of each endpoint it sends to the poller may claim now.
+
+        Each up to what the endpoint may hold in memory, a fair share of the worker's room at
+        least, and none for a failing endpoint that parked deliveries and still holds at least
+        half of what it may: claimed, they would only be parked again, poll after poll. Such an
+        endpoint's deliveries are claimed as usual once it is down to half (what does not fit
+        is parked again: once per half a queue, not once per attempt) or has recovered.
+        """
+        if not self._leases.valid:
+            return {}
+        held = self._leases.held
+        room = self.room()
+        share = max(16, room // max(1, len(held)))
+        wants: dict[str, int] = {}
+        for key in held:
+            if room <= 0:
+                break
+            ep = self._endpoints.get(key)
+            queued = len(ep.queue) if ep is not None else 0
+            if ep is not None and self._holds_back(ep):
+                continue
+            want = min(self.hold_each - queued, share, room)
+            if want > 0:
+                wants[key] = want
+                room -= want
+        return wants
+
+    def _holds_back(self, ep: _Endpoint) -> bool:
+        return bool(ep.parked) and ep.breaker.tripped and len(ep.queue) >= self.hold_each // 2
+
+    def idle(self, idle_for: float) -> list[str]:
+        """Held endpoints with nothing queued or in flight, unused for `idle_for` seconds."""
+        now = self._clock()
+        idle: list[str] = []
+        for key in self._leases.held:
+            ep = self._endpoints.get(key)
+            if ep is None or (not ep.queue and not ep.active and now - ep.last_used > idle_for):
+                idle.append(key)
+        return idle
+
+    def disown(self, endpoints: Iterable[str]) -> None:
+        """These endpoints' leases are gone: their queued jobs go back to Postgres for the new
+        holders (attempts under way end as usual)."""
+        for key in endpoints:
+            ep = self._endpoints.get(key)
+            if ep is not None:
+                self._hand_back_queue(ep)
+
+    def _hand_back_queue(self, ep: _Endpoint) -> None:
+        while ep.queue:
+            self._recorder.hand_back(ep.queue.popleft(), ep.key)
+            self._queued -= 1
 
     def _park(self, ep: _Endpoint, webhook_id: str, now: float) -> float:
         """Seconds a job of this full failing endpoint waits in Postgres; its webhook is noted
-        as parked (`held_back`)."""
+        as parked (`wants`)."""
         ep.parked.add(webhook_id)
         return ep.breaker.park_for(now, spread=random.random())
 
@@ -291,6 +425,13 @@ class Dispatcher:
                 else:  # the webhook's URL changed: it belongs to another endpoint now
                     self._enqueue(self._key(target.url), job)
                 continue
+            if not self._leases.owns(ep.key):
+                if self._leases.holds(ep.key):  # until a heartbeat gets through again
+                    waits("lease").inc()
+                    self._later(ep, _LEASE_RECHECK)
+                else:  # another worker took the endpoint over
+                    self._hand_back_queue(ep)
+                return
             now = self._clock()
             if ep.breaker.tripped:
                 pause = ep.breaker.wait(now, behind=self.behind())
@@ -404,6 +545,7 @@ class Dispatcher:
             for key, ep in list(self._endpoints.items()):
                 if not ep.queue and not ep.active and now - ep.last_used > idle_for:
                     del self._endpoints[key]
+            self._others = {k: t for k, t in self._others.items() if t > now}
 
     async def drain(self, grace: float) -> int:
         """Start no more attempts; wait up to `grace` seconds for those under way, cancel the

@@ -28,6 +28,7 @@ from engine.worker.cache import SubscriptionCache
 from engine.worker.consumer import Consumer, QueueConflictError
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.health import HealthServer
+from engine.worker.leases import Leases
 from engine.worker.metrics import Metrics
 from engine.worker.poller import Poller
 from engine.worker.recorder import Recorder
@@ -57,8 +58,14 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.cache = SubscriptionCache(settings, pool, self.metrics)
         self.recorder = Recorder(settings, pool, self.metrics)
+        self.leases = Leases(settings, pool, self.id)
         self.dispatcher = Dispatcher(
-            settings, cache=self.cache, sender=sender, recorder=self.recorder, metrics=self.metrics
+            settings,
+            cache=self.cache,
+            sender=sender,
+            recorder=self.recorder,
+            metrics=self.metrics,
+            leases=self.leases,
         )
         self.recorder.on_written = self.dispatcher.forget
         self.poller = Poller(
@@ -66,6 +73,7 @@ class Worker:
             pool=pool,
             dispatcher=self.dispatcher,
             metrics=self.metrics,
+            leases=self.leases,
             worker_id=self.id,
         )
         self.consumer = Consumer(
@@ -133,7 +141,8 @@ class Worker:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming, let attempts under way finish for up to `grace` seconds, cancel the
-        rest, write what is recorded and release this worker's claims for others to take."""
+        rest, write what is recorded and release this worker's claims and endpoint leases for
+        others to take."""
         self._stopping = True
         grace = self.settings.shutdown_grace if grace is None else grace
         loop = asyncio.get_running_loop()

@@ -1,10 +1,16 @@
-"""Polling: due retries (and deliveries whose worker died) from Postgres, and the heartbeat.
+"""Polling: due deliveries from Postgres, per endpoint this worker sends to, and the heartbeat.
 
 Retries are rows, not timers: a failed attempt stores `next_attempt_at` and releases its claim.
-Every `poll_interval` this claims due pending rows that no live worker holds — with
-`FOR UPDATE SKIP LOCKED`, so workers never wait on or take each other's rows — and hands them to
-the dispatcher, as many as it has room for. The heartbeat keeps this worker's claims valid;
-when a worker stops beating for `worker_lease`, the others take its claimed rows over.
+Every `poll_interval` this claims, for each endpoint whose lease this worker holds, the due
+pending rows no live worker holds — as many as that endpoint and the worker have room for, with
+`FOR UPDATE SKIP LOCKED` — and hands them to the dispatcher: retries, deliveries other workers
+created for those endpoints, the backlog beyond what an endpoint holds in memory. Then it looks
+for endpoints that have due work and no live lease holder (theirs was released when idle, or
+its worker died), takes some of their leases and claims for them too.
+
+The heartbeat keeps this worker's claims and leases valid; when a worker stops beating for
+`worker_lease`, the others take its claimed rows and its endpoints over. Each beat also drops
+the leases another worker took meanwhile and gives up those of endpoints idle for a while.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any
 
 import asyncpg
 
 from engine.settings import Settings
+from engine.store.endpoints import fill_endpoints, unowned_with_due_work
 from engine.store.queue import (
     claim_due,
     heartbeat,
@@ -27,6 +35,7 @@ from engine.store.queue import (
 )
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.job import Job
+from engine.worker.leases import Leases
 from engine.worker.metrics import Metrics
 from engine.worker.retrying import TRANSIENT, retry_transient
 
@@ -34,7 +43,9 @@ __all__ = ["Poller"]
 
 log = logging.getLogger(__name__)
 
-CLAIM_BATCH = 500
+# Endpoints with due work and no live holder this worker takes on per poll: a few at a time,
+# so that the workers of a fleet share them out rather than the first poller taking them all.
+DISCOVER_BATCH = 16
 # The retries gauges count every pending delivery in Postgres (≈ 0.2 s of its CPU for a million):
 # read at the first beat, then no more often than this, not on every beat of every worker.
 DEPTH_EVERY = 30.0
@@ -50,10 +61,12 @@ class Poller:
         pool: asyncpg.Pool[Any],
         dispatcher: Dispatcher,
         metrics: Metrics,
+        leases: Leases,
         worker_id: str,
     ) -> None:
         self._settings = settings
         self._pool = pool
+        self._leases = leases
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._worker_id = worker_id
@@ -64,6 +77,11 @@ class Poller:
     @property
     def beat_interval(self) -> float:
         return min(self._settings.worker_lease / 3, 5.0)
+
+    @property
+    def idle_for(self) -> float:
+        """An endpoint's lease is given up once it has had nothing to do for this long."""
+        return max(2.0, 2 * self.beat_interval)
 
     @property
     def tasks(self) -> tuple[asyncio.Task[None], ...]:
@@ -85,7 +103,9 @@ class Poller:
         self._tasks = []
 
     async def _beat(self) -> None:
+        sent_at = time.monotonic()
         await heartbeat(self._pool, self._worker_id, self._hostname)
+        self._leases.renewed(sent_at)
 
     async def _beat_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -93,6 +113,7 @@ class Poller:
             await asyncio.sleep(self.beat_interval)
             try:
                 await self._beat()
+                await self._tend_leases()
                 await self._release_orphans()
                 await self._release_lapsed()
                 if loop.time() - self._depth_at >= DEPTH_EVERY:
@@ -104,6 +125,21 @@ class Poller:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
             except Exception:  # keep beating: losing the lease hands our work to others
                 log.exception("heartbeat failed")
+
+    async def _tend_leases(self) -> None:
+        """Drop the leases another worker took over (after this one's beats failed for a
+        while), and give up those of endpoints idle for `idle_for`."""
+        lost = await self._leases.verify()
+        if lost:
+            self._dispatcher.disown(lost)
+            log.warning("endpoint leases taken over by other workers", extra={"count": len(lost)})
+        idle = self._dispatcher.idle(self.idle_for)
+        if idle:
+            self._leases.forget(idle)  # first: from now on their deliveries go to Postgres
+            await self._leases.release(idle)
+        filled = await fill_endpoints(self._pool)
+        if filled:
+            log.info("named the endpoint of pending deliveries", extra={"count": filled})
 
     async def _release_orphans(self) -> None:
         """Release claims this worker holds on rows it no longer has in memory.
@@ -127,10 +163,22 @@ class Poller:
             log.warning("released claims of lapsed workers", extra={"count": released})
 
     async def poll_once(self) -> int:
-        """Claim what is due (up to the dispatcher's room) and dispatch it; return the count."""
-        limit = min(CLAIM_BATCH, self._dispatcher.room())
-        skip = self._dispatcher.held_back()
-        claimed = await claim_due(self._pool, self._worker_id, limit=limit, skip=skip)
+        """Claim what is due for the endpoints this worker sends to (each up to its room) and
+        dispatch it; then take on a few endpoints with due work and no live holder. Returns
+        the count claimed."""
+        claimed = await self._claim(self._dispatcher.wants())
+        if self._dispatcher.room() > 0:
+            found = await unowned_with_due_work(
+                self._pool, lease=self._settings.worker_lease, limit=DISCOVER_BATCH
+            )
+            taken = await self._dispatcher.lease(found)
+            if taken:
+                wants = self._dispatcher.wants()
+                claimed += await self._claim({key: wants.get(key, 0) for key in taken})
+        return claimed
+
+    async def _claim(self, wants: dict[str, int]) -> int:
+        claimed = await claim_due(self._pool, self._worker_id, wants)
         if claimed:
             self._dispatcher.submit(
                 Job(c.id, c.webhook_id, c.event, c.attempts + 1, retry_base=c.retry_base)
@@ -150,6 +198,5 @@ class Poller:
                 log.exception("claiming due deliveries failed")
                 await asyncio.sleep(1.0)
                 claimed = 0
-            # A full batch means more may be due: claim again at once.
-            if claimed < CLAIM_BATCH:
-                await asyncio.sleep(self._settings.poll_interval)
+            # Deliveries claimed mean more may be due: claim again soon, not a full interval on.
+            await asyncio.sleep(self._settings.poll_interval / (4 if claimed else 1))

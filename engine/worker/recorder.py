@@ -29,7 +29,12 @@ from engine.delivery import Outcome
 from engine.settings import Settings
 from engine.store.deliveries import AttemptRecord, record_attempts
 from engine.store.disabling import Seen, disable_webhooks, note_streaks, streaks
-from engine.store.queue import end_deliveries, park_deliveries, release_deliveries
+from engine.store.queue import (
+    end_deliveries,
+    hand_back_deliveries,
+    park_deliveries,
+    release_deliveries,
+)
 from engine.worker.job import Job
 from engine.worker.metrics import Metrics
 from engine.worker.retrying import retry_transient
@@ -69,6 +74,7 @@ class Recorder:
         self._parked: list[tuple[str, datetime]] = []
         self._seen: list[Seen] = []
         self._gone_webhooks: set[str] = set()  # whose receiver answered 410 Gone
+        self._handed_back: list[tuple[str, str]] = []
         self._pending = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -160,8 +166,14 @@ class Recorder:
         self._parked.append((job.delivery_id, until))
         self._wake()
 
+    def hand_back(self, job: Job, endpoint: str) -> None:
+        """Give the delivery back to Postgres, due as it was, for the worker that sends to
+        `endpoint` (its endpoint now)."""
+        self._handed_back.append((job.delivery_id, endpoint))
+        self._wake()
+
     def _waiting(self) -> int:
-        return len(self._records) + len(self._gone) + len(self._parked)
+        return len(self._records) + len(self._gone) + len(self._parked) + len(self._handed_back)
 
     def _wake(self) -> None:
         self._idle.clear()
@@ -181,9 +193,10 @@ class Recorder:
             parked, self._parked = self._parked, []
             seen, self._seen = self._seen, []
             said_gone, self._gone_webhooks = self._gone_webhooks, set()
-            if records or gone or parked:
+            handed, self._handed_back = self._handed_back, []
+            if records or gone or parked or handed:
                 try:
-                    await self._write(records, gone, parked)
+                    await self._write(records, gone, parked, handed)
                 except Exception:  # never drop an outcome: put it back and try again soon
                     log.exception("recording attempts failed; will try again")
                     self._records[:0] = records
@@ -191,16 +204,21 @@ class Recorder:
                     self._parked[:0] = parked
                     self._seen[:0] = seen
                     self._gone_webhooks |= said_gone
+                    self._handed_back[:0] = handed
                     await asyncio.sleep(1.0)
                     self._pending.set()
                     continue
-                self.on_written(_delivery_ids(records, gone, parked))
+                self.on_written(_delivery_ids(records, gone, parked, handed))
                 await self._judge(seen, said_gone)
             if not self._waiting():
                 self._idle.set()
 
     async def _write(
-        self, records: list[AttemptRecord], gone: list[str], parked: list[tuple[str, datetime]]
+        self,
+        records: list[AttemptRecord],
+        gone: list[str],
+        parked: list[tuple[str, datetime]],
+        handed: list[tuple[str, str]],
     ) -> None:
         async def write() -> None:
             # No transaction: each statement commits on its own and may be run again (a
@@ -209,6 +227,7 @@ class Recorder:
                 await record_attempts(conn, records)
                 await end_deliveries(conn, gone, error=GONE)
                 await park_deliveries(conn, [i for i, _ in parked], [u for _, u in parked])
+                await hand_back_deliveries(conn, [i for i, _ in handed], [e for _, e in handed])
 
         try:
             await retry_transient(write, what="record attempts")
@@ -216,7 +235,7 @@ class Recorder:
             # Not an outage but a row Postgres refuses: free the claims so the deliveries are
             # attempted again rather than held by this worker until it restarts.
             log.exception("cannot record attempts; releasing their deliveries")
-            ids = _delivery_ids(records, gone, parked)
+            ids = _delivery_ids(records, gone, parked, handed)
             await retry_transient(
                 lambda: release_deliveries(self._pool, ids), what="release deliveries"
             )
@@ -273,6 +292,9 @@ class Recorder:
 
 
 def _delivery_ids(
-    records: list[AttemptRecord], gone: list[str], parked: list[tuple[str, datetime]]
+    records: list[AttemptRecord],
+    gone: list[str],
+    parked: list[tuple[str, datetime]],
+    handed: list[tuple[str, str]],
 ) -> list[str]:
-    return [r.delivery_id for r in records] + gone + [i for i, _ in parked]
+    return [r.delivery_id for r in records] + gone + [i for i, _ in parked] + [i for i, _ in handed]
