@@ -42,8 +42,10 @@ async def acquire_leases(
 
     Returns each endpoint now held, with whether it was quiet (released `QUIET_FOR` ago or
     never leased), so the caller knows whether its bucket may start full. One statement: the
-    upsert's row lock makes two workers asking at once take turns, and only one gets it.
+    upsert's row lock makes two workers asking at once take turns, and only one gets it; rows
+    are locked in sorted order, so two such statements never wait on each other in a circle.
     """
+    endpoints = sorted(set(endpoints))
     if not endpoints:
         return {}
     rows = await conn.fetch(
@@ -52,7 +54,8 @@ async def acquire_leases(
                 WHERE endpoint = ANY($2::text[])),
             taken AS (
                 INSERT INTO endpoint_leases AS l (endpoint, worker_id)
-                SELECT DISTINCT unnest($2::text[]), $1
+                SELECT u.endpoint, $1 FROM unnest($2::text[]) WITH ORDINALITY AS u(endpoint, n)
+                ORDER BY u.n
                 ON CONFLICT (endpoint) DO UPDATE
                     SET worker_id = $1, acquired_at = now(), released_at = NULL
                     WHERE l.worker_id = $1 OR l.worker_id IS NULL OR NOT {_live_owner("$3")}
@@ -62,7 +65,7 @@ async def acquire_leases(
                        AS quiet
             FROM taken t LEFT JOIN before b ON b.endpoint = t.endpoint""",
         worker_id,
-        list(endpoints),
+        endpoints,
         lease,
         QUIET_FOR,
     )

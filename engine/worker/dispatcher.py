@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import asyncpg
+
 from engine.core.breaker import Breaker
 from engine.core.payload import build_body
 from engine.core.ratelimit import TokenBucket
@@ -72,6 +74,8 @@ _SWEEP_INTERVAL = 30.0
 # deliveries go to Postgres unclaimed meanwhile, for that worker (or, should it let the lease
 # go, for whoever finds them due next).
 _OTHERS_FOR = 1.0
+# Taking leases failed: an outage, or (rarely) a deadlock with a worker releasing some of them.
+_LEASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT, asyncpg.DeadlockDetectedError)
 # While the leases wait for a heartbeat to get through, a held endpoint looks again this often.
 _LEASE_RECHECK = 0.1
 
@@ -310,7 +314,8 @@ class Dispatcher:
             return set()
         try:
             taken = await self._leases.acquire(wanted)
-        except TRANSIENT as exc:  # their deliveries wait in Postgres for a later poll
+        except _LEASE_ERRORS as exc:
+            # Their deliveries wait in Postgres, unclaimed, for a later poll.
             log.warning("taking endpoint leases failed", extra={"error": str(exc)})
             return set()
         now = self._clock()
