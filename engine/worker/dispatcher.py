@@ -155,6 +155,9 @@ class Dispatcher:
         # Endpoints that could start an attempt but for a free global slot, in the order they
         # asked: each freed slot goes to the first of them.
         self._line: deque[_Endpoint] = deque()
+        # Attempts in flight per account (`_over_share`).
+        self._running_by: Counter[str] = Counter()
+        self._share = max(1, settings.max_in_flight * 3 // 4)
         self._queued = 0
         self._stopping = False
         self._keys: dict[str, str] = {}  # url → endpoint key, so hot paths skip urlsplit
@@ -386,6 +389,11 @@ class Dispatcher:
             self._recorder.hand_back(ep.queue.popleft(), ep.key)
             self._queued -= 1
 
+    def _over_share(self, account: str) -> bool:
+        """Whether the account holds its share of the global slots (three quarters of them):
+        the rest stay free for other accounts' attempts, which then start at once."""
+        return self._running_by[account] >= self._share
+
     def _park(self, ep: _Endpoint, webhook_id: str, now: float) -> float:
         """Seconds a job of this full failing endpoint waits in Postgres; its webhook is noted
         as parked (`wants`)."""
@@ -415,12 +423,13 @@ class Dispatcher:
             if ep.active >= self._cap(ep):
                 waits("concurrency").inc()
                 return
-            if self._running >= self._settings.max_in_flight:
-                waits("global").inc()
+            job = ep.queue[0]
+            full = self._running >= self._settings.max_in_flight
+            if full or self._over_share(job.event.account_id):
+                waits("global" if full else "account").inc()
                 ep.in_line = True
                 self._line.append(ep)
                 return
-            job = ep.queue[0]
             target = self._cache.get(job.webhook_id)
             if target is None or self._key(target.url) != ep.key:
                 ep.queue.popleft()
@@ -454,6 +463,7 @@ class Dispatcher:
             self._queued -= 1
             ep.active += 1
             self._running += 1
+            self._running_by[job.event.account_id] += 1
             ep.last_used = now
             ep.breaker.started(now)
             task = asyncio.create_task(self._attempt(ep, job))
@@ -467,13 +477,22 @@ class Dispatcher:
         ep.timer = None
         self._start(ep)
 
-    def _finished(self, ep: _Endpoint) -> None:
+    def _finished(self, ep: _Endpoint, account: str) -> None:
         """An attempt ended: its global slot goes to the first endpoint in line, if any, and
-        the endpoint that made it may start its next one (behind the line if slots are short)."""
+        the endpoint that made it may start its next one (behind the line if slots are short).
+
+        An endpoint in line whose account is over its share goes back in line: each is asked
+        once, so a line of such endpoints alone ends the loop.
+        """
         ep.active -= 1
         self._running -= 1
+        self._running_by[account] -= 1
+        if not self._running_by[account]:
+            del self._running_by[account]
         line = self._line
-        while line and self._running < self._settings.max_in_flight:
+        for _ in range(len(line)):
+            if not line or self._running >= self._settings.max_in_flight:
+                break
             first = line.popleft()
             first.in_line = False
             self._start(first)
@@ -511,7 +530,7 @@ class Dispatcher:
             if outcome.error_class != INTERNAL:  # our failure says nothing about the endpoint
                 self._adapt(ep, outcome.succeeded)
         finally:
-            self._finished(ep)
+            self._finished(ep, job.event.account_id)
 
     def _cap(self, ep: _Endpoint) -> int:
         """How many attempts the endpoint may have in flight now.

@@ -144,7 +144,7 @@ class Metrics:
             p + "rate_limit_waits_total",
             "Times a delivery waited for its endpoint's limits, or its pacing while failing.",
             ["limit"],
-            registry=r,  # limit: rate | concurrency | global | failing
+            registry=r,  # limit: rate | concurrency | global | account | failing | lease
         )
         self.endpoints_failing = Gauge(
             p + "endpoints_failing",

@@ -5,6 +5,7 @@ slow endpoint delays nobody else's first attempts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,18 +36,24 @@ LEASE = 2.0
 
 
 class Gauge:
-    """A receiver handler that answers after `delay` and records requests in flight."""
+    """A receiver handler that answers after `delay` (at once after `open()`) and records the
+    requests in flight."""
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.in_flight = 0
         self.most = 0
+        self._open = asyncio.Event()
+
+    def open(self) -> None:
+        self._open.set()
 
     async def __call__(self, _: web.Request, __: bytes) -> web.Response:
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
         try:
-            await asyncio.sleep(self.delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._open.wait(), self.delay)
         finally:
             self.in_flight -= 1
         return web.Response()
@@ -181,3 +188,42 @@ async def test_a_deep_backlog_at_a_slow_endpoint_delays_no_other_tenant(
 
 async def _count(pool: asyncpg.Pool[Any], query: str, *args: Any, at_least: int) -> bool:
     return int(await pool.fetchval(query, *args)) >= at_least
+
+
+async def test_one_account_cannot_take_all_of_a_workers_slots(
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    make_receiver: Callable[..., Any],
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # Four slots: the busy account's two hanging endpoints could fill them all.
+    worker = await start_worker(max_in_flight=4, delivery_timeout=5.0)
+    hanging = [await make_receiver(), await make_receiver()]
+    gauge = Gauge(3.0)  # both endpoints' requests in flight together
+    for receiver in hanging:
+        receiver.handler = gauge
+    light = await make_receiver()
+    busy_account = await make_account(pool)
+    busy = [await make_webhook(pool, wsettings, busy_account, r.url) for r in hanging]
+    light_account, _, _ = await subscribed(worker, pool, wsettings, light.url)
+    try:
+        await publisher.publish_many(make_event(busy_account) for _ in range(10))
+        await eventually(lambda: gauge.in_flight >= 3)
+
+        loop = asyncio.get_running_loop()
+        published = loop.time()
+        await publisher.publish(make_event(light_account))
+        arrived = await light.wait_for(1, timeout=10)
+        # At once, not after one of the busy account's 3 s answers.
+        assert arrived[0].at - published < 1.5
+        assert gauge.most == 3  # three quarters of four slots
+    finally:
+        gauge.open()  # the rest goes through at once, before the receivers stop
+        await eventually(lambda: worker.dispatcher.queued + worker.dispatcher.in_flight == 0)
+        for webhook_id, _ in busy:
+            await pool.execute(
+                "UPDATE deliveries SET status = 'failed' WHERE webhook_id = $1"
+                " AND status = 'pending'",
+                webhook_id,
+            )
