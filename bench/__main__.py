@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench import env
+from bench.fleet import fairness, fleet
 from bench.payload import SECRET
 from bench.procs import receiver_process
 from bench.publisher import publisher
@@ -30,7 +31,7 @@ from engine.store.db import create_pool
 __all__ = ["main"]
 
 RECEIVER_ENDPOINTS = {"ok": 16, "fail": 2, "hang": 10}
-SCENARIOS.update(retention=retention, history=history)
+SCENARIOS.update(retention=retention, history=history, fleet=fleet, fairness=fairness)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -40,6 +40,9 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "retention_rows_removed": ("retention", "old deliveries the purge removed", "rows"),
     "list_first_page_ms": ("history", "p99 first page, 10M deliveries", "ms"),
     "list_deep_page_ms": ("history", "p99 page at offset 5M", "ms"),
+    "fleet_window_ratio": ("fleet", "worst 1 s at a limited endpoint ÷ allowed, 3 workers", "x"),
+    "fleet_cpu_ratio": ("fleet", "worker CPU per delivery, 3 workers ÷ 1", "x"),
+    "fairness_p99_ms": ("fairness", "p99 light tenant beside a 100,000 backlog", "ms"),
 }
 
 
@@ -80,6 +83,9 @@ TARGETS = (
     Target("rss_mb", "< 300", _under("rss_mb", 300.0)),
     Target("rss_inflight_mb", "< 300", _under("rss_inflight_mb", 300.0)),
     Target("recover_s", "< 5", _under("recover_s", 5.0)),
+    Target("fleet_window_ratio", "≤ 1.10", _under("fleet_window_ratio", 1.1000001)),
+    Target("fleet_cpu_ratio", "≤ 1.10", _under("fleet_cpu_ratio", 1.1000001)),
+    Target("fairness_p99_ms", "< 1000", _under("fairness_p99_ms", 1000.0)),
     Target("recover_throughput_ratio", "≥ 0.90", _at_least("recover_throughput_ratio", 0.90)),
 )
 

@@ -570,5 +570,6 @@ SCENARIOS = {
     "scale": scale,
     "recover": recover,
 }
-# Run only when named with --only: each writes millions of rows (bench/retention.py).
-OPT_IN = ("retention", "history")
+# Run only when named with --only: each writes millions of rows (bench/retention.py), or runs
+# several workers at once (bench/fleet.py).
+OPT_IN = ("retention", "history", "fleet", "fairness")
