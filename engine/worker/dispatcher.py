@@ -327,12 +327,10 @@ class Dispatcher:
                 self._others[key] = now + _OTHERS_FOR
                 continue
             self._others.pop(key, None)
-            fresh = key not in self._endpoints
             ep = self._endpoint(key, now)
+            ep.last_used = now  # not idle: it was taken for work
             if not taken[key]:
                 ep.bucket.empty(now)
-            elif fresh:
-                ep.last_used = now
         return set(taken)
 
     def wants(self) -> dict[str, int]:
