@@ -246,14 +246,14 @@ async def list_deliveries(
             where.append(f"{column} = ${len(args)}")
     condition = " AND ".join(where)
     n = len(args)
-    # Deliveries in the webhook's counted hours (None: not counted): more than EXACT_TOTAL of
-    # them make a count of the newest ones pointless.
-    counted = await _counted(conn, condition, args)
+    # Deliveries in the webhook's counted hours (a deep page's start: all of them), None if not
+    # counted: more than EXACT_TOTAL of them make a count of the newest ones pointless.
     start = None
-    if offset >= COUNTED_FROM and counted is not None:
+    if offset >= COUNTED_FROM:
         start = await page_start(
             conn, webhook_id, status=filters.status, event_type=filters.event_type, offset=offset
         )
+    counted = start.total if start is not None else await _counted(conn, condition, args)
     if offset < ANCHORED_FROM:
         rows: list[asyncpg.Record] = await conn.fetch(
             f"""SELECT {RECORD_COLUMNS} FROM deliveries WHERE {condition}
@@ -271,8 +271,6 @@ async def list_deliveries(
             conn, condition, args, before=start.before, skip=start.skip, limit=limit
         )
     floor = max(EXACT_TOTAL + 1, offset + len(rows) if rows else 0)
-    if start is not None and start.total > EXACT_TOTAL:
-        return rows, max(floor, start.total)
     if counted is not None and counted > EXACT_TOTAL:
         return rows, max(floor, counted)
     newest: int = await conn.fetchval(

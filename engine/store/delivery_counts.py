@@ -54,7 +54,8 @@ async def count_hours(
     behind = await conn.fetch(
         """SELECT w.id, s.counted_until FROM webhooks w
            LEFT JOIN delivery_counts_state s ON s.webhook_id = w.id
-           WHERE s.counted_until IS NULL OR s.counted_until < $1""",
+           WHERE w.deleted_at IS NULL  -- a deleted webhook's list is no longer served
+             AND (s.counted_until IS NULL OR s.counted_until < $1)""",
         until,
     )
     counted = 0
@@ -204,13 +205,8 @@ class Start:
 async def page_start(
     conn: Any, webhook_id: str, *, status: str | None, event_type: str | None, offset: int
 ) -> Start | None:
-    """Find the hour a page at `offset` starts in from the counts; None when the webhook's
-    hours are not counted."""
-    counted_until: datetime | None = await conn.fetchval(
-        "SELECT counted_until FROM delivery_counts_state WHERE webhook_id = $1", webhook_id
-    )
-    if counted_until is None:
-        return None
+    """Find the hour a page at `offset` starts in from the counts (one round trip); None when
+    the webhook's hours are not counted."""
     args: list[Any] = [webhook_id]
     where = ["webhook_id = $1"]
     for column, value in (("status", status), ("event_type", event_type)):
@@ -219,13 +215,13 @@ async def page_start(
             where.append(f"{column} = ${len(args)}")
     condition = " AND ".join(where)
     n = len(args)
-    head: int = await conn.fetchval(
-        f"SELECT count(*) FROM deliveries WHERE {condition} AND created_at >= ${n + 1}",
-        *args,
-        counted_until,
-    )
     row = await conn.fetchrow(
-        f"""WITH hours AS (
+        f"""WITH state AS (
+                SELECT counted_until FROM delivery_counts_state WHERE webhook_id = $1),
+            head AS (
+                SELECT count(*) AS n FROM deliveries
+                WHERE {condition} AND created_at >= (SELECT counted_until FROM state)),
+            hours AS (
                 SELECT hour, sum(n)::bigint AS n FROM (
                     SELECT hour, n FROM delivery_counts WHERE {condition}
                     UNION ALL
@@ -234,13 +230,19 @@ async def page_start(
             running AS (
                 SELECT hour, n, sum(n) OVER (ORDER BY hour DESC) AS upto FROM hours),
             found AS (
-                SELECT hour, upto - n AS before FROM running WHERE upto > ${n + 1}
+                SELECT hour, upto - n AS before FROM running
+                WHERE upto > ${n + 1} - (SELECT n FROM head)
                 ORDER BY hour DESC LIMIT 1)
-            SELECT (SELECT coalesce(sum(n), 0) FROM hours)::bigint AS counted,
+            SELECT (SELECT counted_until FROM state) AS counted_until,
+                   (SELECT n FROM head) AS head,
+                   (SELECT coalesce(sum(n), 0) FROM hours)::bigint AS counted,
                    (SELECT hour FROM found) AS hour, (SELECT before FROM found) AS before""",
         *args,
-        offset - head,
+        offset,
     )
+    if row["counted_until"] is None:
+        return None
+    head = int(row["head"])
     total = head + int(row["counted"])
     if offset < head:
         return Start(before=None, skip=offset, total=total)
