@@ -6,8 +6,12 @@ each message with its publish time, for the latency scenarios.
 
 Every message is what a real producer sends: persistent (delivery mode 2), `application/json`,
 the event type as routing key, to `cargolint.events`, on a channel in confirm mode — through
-aio-pika's public `Exchange.publish`, one call per message, a batch (a prefill chunk, or one
-tick of the paced run) gathered so that its confirms are awaited together.
+aiormq's public `Channel.basic_publish`, one call per message, a batch (a prefill chunk, or one
+tick of the paced run) gathered so that its confirms are awaited together. With `wait=False` a
+publish goes on to its confirm as soon as its frames are queued for writing, rather than after
+its write: a whole tick is queued in one turn of the event loop, just after its messages are
+stamped. Measured here at 1,500 events/s: ≈ 75 µs of harness CPU per event, against ≈ 95 µs
+with `wait=True` and ≈ 120 µs through aio-pika's `Exchange.publish` (which waits for each write).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
-import aio_pika
+import aiormq
 
 from bench.payload import EVENT_TYPE, event_message
 
@@ -28,28 +33,30 @@ QUEUE = "cargolint.webhooks.events"
 BATCH = 500
 # The paced run sends what is due every TICK seconds (each message stamped as it is made).
 TICK = 0.01
+_CONTENT_TYPE = "application/json"
+_PERSISTENT = 2
 
 
 class Publisher:
     """A confirming channel on the events exchange; each batch's confirms awaited together."""
 
-    def __init__(
-        self, channel: aio_pika.abc.AbstractChannel, exchange: aio_pika.abc.AbstractExchange
-    ) -> None:
+    def __init__(self, channel: aiormq.Channel) -> None:
         self.channel = channel
-        self._exchange = exchange
         self.published = 0
 
     async def _publish(self, event_id: str, account_id: str) -> None:
         """Publish one event, stamped now; return once the broker confirmed it (a refusal
-        raises aio-pika's `DeliveryError`)."""
-        message = aio_pika.Message(
-            event_message(event_id, account_id),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event_id,
+        raises aiormq's `DeliveryError`)."""
+        properties = aiormq.spec.Basic.Properties(
+            content_type=_CONTENT_TYPE, delivery_mode=_PERSISTENT, message_id=event_id
         )
-        await self._exchange.publish(message, routing_key=EVENT_TYPE, mandatory=False)
+        await self.channel.basic_publish(
+            event_message(event_id, account_id),
+            exchange=EXCHANGE,
+            routing_key=EVENT_TYPE,
+            properties=properties,
+            wait=False,
+        )
 
     def _send(self, events: Sequence[tuple[str, str]]) -> asyncio.Future[list[None]]:
         """Start publishing `events`, all in flight at once; the future ends with their confirms."""
@@ -97,20 +104,18 @@ class Publisher:
 
     async def purge(self) -> int:
         """Drop whatever is left in the engine's queue (between scenarios)."""
-        queue = await self.channel.get_queue(QUEUE, ensure=True)
-        result = await queue.purge()
+        result = await self.channel.queue_purge(QUEUE)
         return int(result.message_count or 0)
 
 
 @contextlib.asynccontextmanager
 async def publisher(amqp_url: str) -> AsyncIterator[Publisher]:
     """A connection with a confirming channel and the events exchange (declared idempotently)."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await aiormq.connect(amqp_url)
     try:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.declare_exchange(
-            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        yield Publisher(channel, exchange)
+        # The concrete channel: `wait` is a parameter of its basic_publish.
+        channel = cast(aiormq.Channel, await connection.channel(publisher_confirms=True))
+        await channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        yield Publisher(channel)
     finally:
         await connection.close()
