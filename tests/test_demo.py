@@ -11,8 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.core.ids import random_token
 from tests.conftest import drop_database, fresh_vhost
+
+# Runs the whole demo end to end.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from openapi_spec_validator import validate
 
 from engine.api.app import OPENAPI_PATH, build_app
@@ -61,6 +62,7 @@ async def test_served_document_is_the_file(api: str, http: aiohttp.ClientSession
         assert orjson.loads(await response.read()) == DOC
 
 
+@pytest.mark.slow
 async def test_schemathesis_finds_no_server_error_or_schema_violation(
     api: str, make_account: MakeAccount, tmp_path: Path
 ) -> None:

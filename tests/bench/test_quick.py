@@ -16,6 +16,9 @@ import pytest
 
 from bench.report import FIGURES, TARGETS
 
+# Runs the quick benchmark end to end.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = (
     "limit_rps",

@@ -10,10 +10,15 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.chaos.harness import wait_until
 from tests.chaos.receivers import CountingReceiver
 from tests.chaos.run import ChaosRun, Report, StreamPublisher, queue_depths, scale
 from tests.chaos.services import ThrowawayPostgres, ThrowawayRabbit
+
+# Starts its own RabbitMQ and restarts it mid-run.
+pytestmark = pytest.mark.slow
 
 
 async def test_rabbitmq_restart_mid_run_loses_nothing(

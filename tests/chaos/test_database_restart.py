@@ -17,6 +17,9 @@ from tests.chaos.harness import publish, wait_until
 from tests.chaos.receivers import CountingReceiver
 from tests.chaos.run import ChaosRun, Report, StreamPublisher, queue_depths, scale
 
+# Starts its own Postgres and restarts it mid-run.
+pytestmark = pytest.mark.slow
+
 LEASE = 3.0  # CARGOLINT_WORKER_LEASE in these runs (tests.chaos.run.WORKER_ENV)
 
 

@@ -10,6 +10,9 @@ import pytest
 
 from tests.chaos.services import TcpProxy, ThrowawayPostgres, ThrowawayRabbit, port_closed
 
+# Starts and restarts throwaway Postgres and RabbitMQ servers.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 async def test_postgres_restarts_and_keeps_its_data(

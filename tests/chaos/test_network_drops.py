@@ -21,6 +21,9 @@ from tests.chaos.receivers import CountingReceiver
 from tests.chaos.run import ChaosRun, Report, StreamPublisher, queue_depths, scale
 from tests.chaos.services import TcpProxy
 
+# Runs the worker through TCP proxies that drop connections.
+pytestmark = pytest.mark.slow
+
 # Each step's bound (a whole run takes about 10 s); its own waits are given twice that and the test
 # six times, so a stall fails with what was waited for and the worker's state (counts, metrics,
 # log) rather than pytest-timeout's bare event-loop stack, as it once did in CI.

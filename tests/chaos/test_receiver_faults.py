@@ -19,6 +19,9 @@ from tests.chaos.harness import publish, wait_until
 from tests.chaos.receivers import BrokenPeer, CountingReceiver
 from tests.chaos.run import ChaosRun, Report, scale
 
+# Receivers down for a while, trickling or endless: long runs.
+pytestmark = pytest.mark.slow
+
 ROUNDS = 3  # the first warms up; the later ones must not grow
 SCHEDULE = (1.0, 2.0, 4.0, 8.0)  # tests.chaos.run.WORKER_ENV["retry_schedule"]
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.chaos.conftest import Stack
 from tests.chaos.harness import publish, wait_until
 from tests.chaos.receivers import CountingReceiver
 from tests.chaos.run import ChaosRun, Report, scale
+
+# Kills worker processes and waits for retries to come due.
+pytestmark = pytest.mark.slow
 
 
 async def test_kill_9_while_retries_are_due_another_worker_takes_them(

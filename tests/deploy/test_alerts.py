@@ -11,6 +11,9 @@ import yaml
 from tests.deploy.conftest import DEPLOY, load_script, render, run, tool
 from tests.deploy.promql import ALERTS, alert_rules
 
+# Runs promtool.
+pytestmark = pytest.mark.slow
+
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yaml"))
 README = DEPLOY / "README.md"
 

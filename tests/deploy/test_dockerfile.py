@@ -7,6 +7,8 @@ import json
 import re
 import tomllib
 
+import pytest
+
 from tests.deploy.conftest import DEPLOY, ROOT, run, tool
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -33,6 +35,7 @@ def _stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
+@pytest.mark.slow
 def test_hadolint_passes() -> None:
     result = run(tool("hadolint"), "--failure-threshold", "info", DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr

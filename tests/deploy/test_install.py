@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from tests.deploy.conftest import DEPLOY, run, tool
+
+# Needs the tools deploy/tools/install provides.
+pytestmark = pytest.mark.slow
 
 
 def test_install_is_a_quick_no_op_when_everything_is_there() -> None:

@@ -17,6 +17,9 @@ import yaml
 from engine.settings import Settings
 from tests.deploy.conftest import DEPLOY, OVERLAYS, ROOT, find, render
 
+# Renders the overlays with kubectl.
+pytestmark = pytest.mark.slow
+
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 SCHEMAS = Path(__file__).parent / "schemas"
 PRIVATE_RANGES = (

@@ -24,6 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.deploy.conftest import tool
 from tests.deploy.promql import alert_rules, dashboard_exprs, metric_names
 
+# Starts a worker and an API process and runs promtool.
+pytestmark = pytest.mark.slow
+
 CLI = Path(sys.executable).parent / "cargolint-webhooks"
 START_TIMEOUT = 60.0
 # Sample names a family of each type exposes (prometheus_client also adds `_created`).

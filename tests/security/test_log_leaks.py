@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from cryptography.fernet import Fernet
 
@@ -40,6 +41,7 @@ def run_logged(env: dict[str, str], outputs: list[str], *args: str) -> dict[str,
     return parsed
 
 
+@pytest.mark.slow
 async def test_a_full_run_at_debug_logs_no_key_and_no_secret(
     private_database_url: str, amqp_url: str, ca_file: Path, receiver: Receiver, tmp_path: Path
 ) -> None:

@@ -113,6 +113,7 @@ async def _secrets(conn: asyncpg.Connection[Any]) -> dict[str, str]:
     return {r["id"]: r["secret"] for r in await conn.fetch("SELECT id, secret FROM webhooks")}
 
 
+@pytest.mark.slow
 async def test_migrate_encrypts_plain_rows_and_rotates_old_key_rows(
     private_database_url: str,
 ) -> None:
@@ -192,6 +193,7 @@ async def test_a_bad_secret_key_is_refused_without_echoing_it(private_database_u
 # ---------------------------------------------------------------- API keys and new secrets
 
 
+@pytest.mark.slow
 async def test_api_keys_and_webhook_secrets_are_never_stored_in_plain(
     private_database_url: str,
 ) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 
 from engine.core.crypto import SecretBox
 from engine.store.accounts import create_account
@@ -20,6 +21,7 @@ from tests.chaos.harness import Proc, engine_env, free_port, make_event, publish
 from tests.receiver import Receiver
 
 
+@pytest.mark.slow
 async def test_refusals_are_recorded_and_nothing_reaches_the_receiver(
     private_database_url: str, amqp_url: str, ca_file: Path, receiver: Receiver, tmp_path: Path
 ) -> None:

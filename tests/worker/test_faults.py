@@ -53,6 +53,7 @@ async def _cut(pool: asyncpg.Pool[Any]) -> int:
     return killed
 
 
+@pytest.mark.slow
 async def test_worker_rides_out_cut_database_connections(
     faulty_worker: WorkerProcess,
     publisher: Publisher,

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from aiohttp import web
 
 from engine.core.events import parse_event
@@ -100,6 +101,7 @@ async def test_inactive_and_deleted_webhooks_get_nothing(
     )
 
 
+@pytest.mark.slow
 async def test_pending_retries_stop_when_the_webhook_goes(
     worker: Worker,
     publisher: Publisher,

@@ -314,6 +314,7 @@ async def test_an_attempt_that_raises_is_recorded_failed_and_retried_not_held(
     assert len(receiver.requests) == 1
 
 
+@pytest.mark.slow
 async def test_an_endpoint_that_hangs_is_narrowed_while_slots_are_in_demand_then_widens(
     *,
     start_worker: Callable[..., Any],

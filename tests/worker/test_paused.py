@@ -65,6 +65,7 @@ async def _publish(publisher: Publisher, account: str, webhook_id: str, count: i
     return [dlv(webhook_id, account, e) for e in events]
 
 
+@pytest.mark.slow
 async def test_a_failing_endpoint_is_paced_while_behind_and_resumes_on_a_success(
     *,
     start_worker: Callable[..., Any],
@@ -182,6 +183,7 @@ async def _parking(
     return Parking(worker, switch, account, webhook_id, first, more, published_at)
 
 
+@pytest.mark.slow
 async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_in_postgres(
     *,
     start_worker: Callable[..., Any],
@@ -218,6 +220,7 @@ async def test_a_failing_endpoint_holds_its_share_in_memory_and_parks_the_rest_i
     assert all(rows[r["id"]]["last_attempt_at"] >= r["next_attempt_at"] for r in parked)
 
 
+@pytest.mark.slow
 async def test_a_full_failing_endpoints_new_deliveries_are_created_parked(
     *,
     start_worker: Callable[..., Any],
@@ -253,6 +256,7 @@ async def test_a_full_failing_endpoints_new_deliveries_are_created_parked(
     assert all(rows[r["id"]]["last_attempt_at"] >= r["next_attempt_at"] for r in created_parked)
 
 
+@pytest.mark.slow
 async def test_the_poller_leaves_a_full_failing_endpoints_deliveries_in_postgres(
     *,
     start_worker: Callable[..., Any],
@@ -323,6 +327,7 @@ async def test_a_failing_endpoint_keeps_the_schedule_while_the_worker_has_time(
             assert scheduled <= gap <= scheduled * 1.1 + 20 / FAILING_RATE + 0.3, gap
 
 
+@pytest.mark.slow
 async def test_with_time_to_spare_a_failing_endpoint_is_held_to_its_rate(
     *,
     start_worker: Callable[..., Any],
@@ -355,6 +360,7 @@ async def test_with_time_to_spare_a_failing_endpoint_is_held_to_its_rate(
     assert _sample(worker, "deliveries_parked_total") == 0.0
 
 
+@pytest.mark.slow
 async def test_the_worker_is_behind_while_its_consumer_has_a_backlog(
     *,
     monkeypatch: pytest.MonkeyPatch,

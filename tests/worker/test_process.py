@@ -49,6 +49,7 @@ def _received_ids(receiver: Receiver) -> Counter[str]:
     return Counter(r.headers["X-CargoLint-Delivery"] for r in receiver.requests)
 
 
+@pytest.mark.slow
 async def test_kill_9_mid_run_then_restart_loses_nothing(
     processes: Callable[..., Any],
     publisher: Publisher,
@@ -80,6 +81,7 @@ async def test_kill_9_mid_run_then_restart_loses_nothing(
     assert await second.terminate() == 0
 
 
+@pytest.mark.slow
 async def test_sigterm_mid_run_exits_0_within_grace_and_loses_nothing(
     processes: Callable[..., Any],
     publisher: Publisher,

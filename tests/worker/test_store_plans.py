@@ -164,6 +164,7 @@ async def test_the_heartbeats_scans_of_claims_read_only_claimed_deliveries(
     assert rows <= bound, plan
 
 
+@pytest.mark.slow
 async def test_a_full_batch_is_expected_to_find_its_rows_after_an_analyze_saw_only_ended_ones(
     pool: asyncpg.Pool[Any],
 ) -> None:

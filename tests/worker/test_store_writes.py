@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from engine.core.events import parse_event
 from engine.core.ids import delivery_id, random_token
@@ -104,6 +105,7 @@ async def test_recording_the_same_attempts_twice_adds_nothing(
     assert state[ids[1]]["attempts"] == 1
 
 
+@pytest.mark.slow
 async def test_migration_0003_keeps_the_first_of_duplicate_attempts() -> None:
     name = f"cargolint_test_{random_token(10)}"
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"

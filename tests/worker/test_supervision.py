@@ -121,6 +121,7 @@ def _task_named(name: str) -> asyncio.Task[Any] | None:
     return next((t for t in asyncio.all_tasks() if t.get_name() == name), None)
 
 
+@pytest.mark.slow
 async def test_a_bug_starting_an_endpoints_attempts_is_retried_and_strands_nothing(
     *,
     start_worker: StartWorker,
