@@ -30,6 +30,7 @@ async def run_cli(database_url: str, *args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_accounts_and_keys_from_the_command_line(
     database_url: str, api: str, http: aiohttp.ClientSession
 ) -> None:
@@ -104,6 +105,7 @@ async def test_starter_account_key_is_refused_by_the_api(
     assert (status, body["error"]["code"]) == (403, "plan_required")
 
 
+@pytest.mark.slow
 async def test_keys_list_and_revoke(
     database_url: str, api: str, http: aiohttp.ClientSession
 ) -> None:
@@ -149,6 +151,7 @@ async def test_keys_list_and_revoke(
     assert [k["revokedAt"] for k in orjson.loads(out)] == [None, revoked["revokedAt"]]
 
 
+@pytest.mark.slow
 async def test_cli_errors(database_url: str) -> None:
     code, out, err = await run_cli(database_url, "keys", "create", "--account", "acct_missing")
     assert (code, out) == (1, "")

@@ -97,6 +97,7 @@ async def counted(pool: asyncpg.Pool[Any], database_url: str) -> str:
     return webhook_id
 
 
+@pytest.mark.slow
 async def test_deep_pages_from_the_counts_are_the_pages_offset_reads(
     pool: asyncpg.Pool[Any], counted: str, database_url: str
 ) -> None:

@@ -27,6 +27,9 @@ from tests.conftest import drop_database, fresh_vhost, with_
 from tests.receiver import Receiver
 from tests.worker.helpers import Publisher, cached, dlv, make_event, wait_final
 
+# Each test runs a worker until resent deliveries are delivered again.
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Stack:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from engine.settings import Settings
 from engine.worker.metrics import Metrics
@@ -36,6 +37,7 @@ async def _listed(client: Client, hook: str, **params: str) -> tuple[list[str], 
     return [d["id"] for d in body["data"]], body["total"]
 
 
+@pytest.mark.slow
 async def test_purged_deliveries_leave_the_list_and_the_rest_stays(
     client: Client, account: Account, pool: asyncpg.Pool[Any], settings: Settings
 ) -> None:

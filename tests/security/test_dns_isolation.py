@@ -50,6 +50,7 @@ async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_a_hanging_name_stalls_no_other_webhook_creation(
     fake_dns: FakeDns, settings: Settings, pool: asyncpg.Pool[Any]
 ) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
+import pytest
 
 from engine.settings import Settings
 from engine.worker.consumer import ACK_DELAY, QUEUE
@@ -49,6 +50,7 @@ def queue_counts(amqp_url: str) -> tuple[int, int]:
     raise AssertionError(f"no queue {QUEUE} in {out!r}")
 
 
+@pytest.mark.slow
 async def test_paced_messages_are_all_acked_soon_after_their_writes(
     worker: Worker,
     publisher: Publisher,

@@ -136,6 +136,7 @@ async def test_410_gone_ends_the_delivery_at_once_and_disables_the_webhook(
     assert len(receiver.requests) == 1
 
 
+@pytest.mark.slow
 async def test_a_webhook_failing_for_disable_after_is_disabled_at_its_next_failure(
     *,
     start_worker: Callable[..., Any],

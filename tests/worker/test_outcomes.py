@@ -255,6 +255,7 @@ async def test_retry_after_counts_from_the_response_not_the_request(
     assert second.at - (first.at + 0.6) >= 1.0
 
 
+@pytest.mark.slow
 async def test_the_schedule_counts_from_a_timeout_not_from_the_request(
     worker: Worker,
     publisher: Publisher,

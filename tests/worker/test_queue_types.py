@@ -28,6 +28,9 @@ from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker
 from tests.worker.helpers import dlv, eventually, make_event, subscribed, wait_final
 
+# Each test starts workers against queues it declares, deletes and moves.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def vhost_url() -> Iterator[str]:

@@ -321,6 +321,7 @@ async def test_two_purgers_racing_remove_each_row_once(
     assert await _present(pool, old) == set()
 
 
+@pytest.mark.slow
 async def test_a_worker_purges_on_start(
     pool: asyncpg.Pool[Any], start_worker: StartWorker, settings: Settings
 ) -> None:

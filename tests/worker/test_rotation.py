@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 
 from engine.core.crypto import SecretBox
@@ -90,6 +91,7 @@ def test_the_snippet_accepts_either_header_and_nothing_else() -> None:
     assert not verify(new, body, {"X-CargoLint-Signature": "garbage"})
 
 
+@pytest.mark.slow
 async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
     worker: Worker,
     publisher: Publisher,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 
 from engine.settings import Settings
@@ -23,6 +24,7 @@ from tests.worker.helpers import (
 )
 
 
+@pytest.mark.slow
 async def test_hanging_and_failing_endpoints_do_not_hold_back_a_healthy_one(
     start_worker: Callable[..., Any],
     make_receiver: Callable[..., Any],
@@ -66,6 +68,7 @@ async def test_hanging_and_failing_endpoints_do_not_hold_back_a_healthy_one(
         release.set()
 
 
+@pytest.mark.slow
 async def test_two_workers_on_one_queue_deliver_everything_once(
     start_worker: Callable[..., Any],
     make_receiver: Callable[..., Any],

@@ -110,6 +110,7 @@ async def test_the_worker_process_exits_1_when_its_consumer_stops_unexpectedly(
     assert await asyncio.wait_for(running, 30) == 1
 
 
+@pytest.mark.slow
 async def test_the_worker_process_exits_0_on_sigterm(wsettings: Settings) -> None:
     running = asyncio.create_task(main.run(wsettings))
     await eventually(lambda: _task_named("consumer") is not None, timeout=30)
