@@ -2,9 +2,9 @@
 
 An IP literal (in any spelling a resolver accepts) is judged directly; a name is resolved
 through the same non-blocking, cached lookups the worker uses (engine/delivery/dns.py) and
-refused if any of its addresses is blocked. A name that does not resolve in time is accepted:
-DNS may change, and the delivery's connection-time check is the real guard. Refusals say what
-kind of address, never which.
+refused when none of its addresses may be reached (deliveries dial only the allowed ones). A
+name that does not resolve in time is accepted: DNS may change, and the delivery's
+connection-time check is the real guard. Refusals say what kind of address, never which.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from engine.api.errors import ApiError, bad_request
 from engine.core.urls import IPNetwork, blocked_reason, host_ip
 from engine.delivery.dns import HostLookups, LookupFailedError
+from engine.delivery.resolver import BlockedAddressError, allowed_addresses
 
 __all__ = ["check_destination"]
 
@@ -58,7 +59,7 @@ async def check_destination(url: str, allowed: Iterable[IPNetwork], lookups: Hos
     except LookupFailedError as exc:
         log.info("webhook host did not resolve; accepted", extra={"host": name, "error": exc})
         return
-    for _, address in answer.addresses:
-        ip = host_ip(address)
-        if ip is not None and (reason := blocked_reason(ip, allowed)):
-            raise _not_allowed(f"{host} resolves to {reason}")
+    try:
+        allowed_addresses(host, answer, allowed)
+    except BlockedAddressError as exc:
+        raise _not_allowed(str(exc).removeprefix("address not allowed: ")) from None

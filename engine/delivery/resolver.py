@@ -22,7 +22,13 @@ from engine.delivery.dns import (
 )
 from engine.settings import Settings
 
-__all__ = ["BlockedAddressError", "LookupFailedError", "SafeResolver", "check_host"]
+__all__ = [
+    "BlockedAddressError",
+    "LookupFailedError",
+    "SafeResolver",
+    "allowed_addresses",
+    "check_host",
+]
 
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
@@ -42,8 +48,30 @@ def check_host(host: str, allowed: Iterable[IPNetwork]) -> None:
         raise BlockedAddressError(f"address not allowed: the host is {reason}")
 
 
+def allowed_addresses(
+    host: str, answer: Answer, allowed: Iterable[IPNetwork]
+) -> list[tuple[socket.AddressFamily, str]]:
+    """The addresses of `answer` deliveries may reach; BlockedAddressError when there are none.
+
+    The refusal names the kind of the first blocked address, never the address.
+    """
+    allowed = tuple(allowed)
+    usable: list[tuple[socket.AddressFamily, str]] = []
+    refusal = f"address not allowed: {host} resolves to something that is not an address"
+    for kind, address in answer.addresses:
+        ip = host_ip(address)
+        reason = None if ip is None else blocked_reason(ip, allowed)
+        if ip is not None and reason is None:
+            usable.append((kind, address))
+        elif reason is not None and not usable:
+            refusal = f"address not allowed: {host} resolves to {reason}"
+    if not usable:
+        raise BlockedAddressError(refusal)
+    return usable
+
+
 class SafeResolver(AbstractResolver):
-    """Resolve through `HostLookups` (c-ares), then refuse the name if any address is blocked.
+    """Resolve through `HostLookups` (c-ares) and keep only the addresses deliveries may reach.
 
     `inner` lets tests stand in a resolver that lies, as a rebinding DNS server would;
     `nameservers` lets them point c-ares at a DNS server of their own.
@@ -87,21 +115,15 @@ class SafeResolver(AbstractResolver):
             answer = Answer(((kind, str(literal)),), 0.0)
         else:
             answer = await self.lookups.lookup(host)
-        # Every address is judged, also those of the family not asked for: one bad address
-        # refuses the name.
-        for _, address in answer.addresses:
-            ip = host_ip(address)
-            if ip is None:
-                raise BlockedAddressError(
-                    f"address not allowed: {host} resolves to something that is not an address"
-                )
-            if reason := blocked_reason(ip, self._allowed):
-                raise BlockedAddressError(f"address not allowed: {host} resolves to {reason}")
+        # Only allowed addresses are handed to the connector, so only they are dialled; a name
+        # with none is refused. (c-ares answers `localhost` with ::1 beside 127.0.0.1: where
+        # only 127.0.0.0/8 is allowed, 127.0.0.1 is dialled.)
+        usable = allowed_addresses(host, answer, self._allowed)
         results = [
             ResolveResult(
                 hostname=host, host=address, port=port, family=kind, proto=0, flags=_NUMERIC
             )
-            for kind, address in answer.addresses
+            for kind, address in usable
             if family in (socket.AF_UNSPEC, kind)
         ]
         if not results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -194,14 +195,34 @@ async def test_the_safe_resolver_returns_only_checked_addresses(fake_dns: FakeDn
         assert [(r["host"], r["port"], r["family"]) for r in results] == [
             (PUBLIC, 8443, socket.AF_INET)
         ]
-        for name in ("internal.test", "mixed.test"):
-            with pytest.raises(BlockedAddressError) as caught:
-                await safe.resolve(name, 443, socket.AF_UNSPEC)
-            assert str(caught.value) == f"address not allowed: {name} resolves to a private address"
-            assert PRIVATE not in str(caught.value)
-            assert PUBLIC not in str(caught.value)
+        with pytest.raises(BlockedAddressError) as caught:
+            await safe.resolve("internal.test", 443, socket.AF_UNSPEC)
+        assert (
+            str(caught.value) == "address not allowed: internal.test resolves to a private address"
+        )
+        assert PRIVATE not in str(caught.value)
+        # A name with a blocked address beside an allowed one is dialled only at the allowed one.
+        mixed = await safe.resolve("mixed.test", 443, socket.AF_UNSPEC)
+        assert [r["host"] for r in mixed] == [PUBLIC]
     finally:
         await safe.close()
+
+
+async def test_localhost_is_dialled_at_an_allowed_loopback_address_only() -> None:
+    # c-ares answers `localhost` with ::1 beside 127.0.0.1; with only 127.0.0.0/8 allowed (the
+    # usual setting for local receivers) the name still works, and ::1 is never dialled.
+    safe = SafeResolver([ipaddress.ip_network("127.0.0.0/8")], timeout=5.0)
+    try:
+        results = await safe.resolve("localhost", 443, socket.AF_UNSPEC)
+        assert [r["host"] for r in results] == ["127.0.0.1"]
+    finally:
+        await safe.close()
+    with pytest.raises(BlockedAddressError, match="loopback address"):
+        refusing = SafeResolver(timeout=5.0)
+        try:
+            await refusing.resolve("localhost", 443, socket.AF_UNSPEC)
+        finally:
+            await refusing.close()
 
 
 async def test_the_safe_resolver_checks_a_cached_answer_every_time(fake_dns: FakeDns) -> None:

@@ -243,14 +243,14 @@ async def test_dns_rebinding_public_at_creation_private_at_connection_is_refused
 @pytest.mark.parametrize(
     "answer",
     [
-        ["93.184.216.34", "127.0.0.1"],  # one bad address among good ones
-        ["2606:2800:220:1::1", "::ffff:127.0.0.1"],
+        ["127.0.0.1", "::ffff:127.0.0.1"],
         ["169.254.169.254"],
         ["fd00:ec2::254"],
         ["not-an-address"],
+        ["169.254.169.254", "not-an-address", "10.0.0.1"],
     ],
 )
-async def test_any_blocked_address_in_the_answer_refuses_the_name(
+async def test_an_answer_with_no_allowed_address_refuses_the_name(
     rebind_target: Listener, ca_file: Path, answer: list[str]
 ) -> None:
     safe = SafeResolver((), inner=LyingResolver(answer))
@@ -260,6 +260,26 @@ async def test_any_blocked_address_in_the_answer_refuses_the_name(
         )
     assert outcome.error_class == "blocked_address", outcome
     assert rebind_target.connections == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [["10.0.0.1", "127.0.0.1"], ["127.0.0.1", "169.254.169.254"], ["fd00::1", "127.0.0.1"]],
+)
+async def test_a_mixed_answer_is_dialled_only_at_its_allowed_addresses(
+    rebind_target: Listener, ca_file: Path, answer: list[str]
+) -> None:
+    # Only loopback is allowed here: the blocked addresses beside it are never handed to the
+    # connector, so the delivery reaches the loopback listener and nothing else.
+    safe = SafeResolver(LOOPBACK, inner=LyingResolver(answer))
+    results = await safe.resolve("rebind.example.com", rebind_target.port, socket.AF_UNSPEC)
+    assert [r["host"] for r in results] == ["127.0.0.1"]
+    async with Sender(blocking(ca_file), resolver=safe) as s:
+        outcome = await s.send(
+            f"https://rebind.example.com:{rebind_target.port}/hook", BODY, headers()
+        )
+    assert outcome.succeeded, outcome
+    assert rebind_target.connections == 1
 
 
 async def test_positive_control_the_lying_answer_is_what_gets_dialled(
