@@ -78,6 +78,16 @@ async def test_the_request_on_the_wire_is_the_head_every_header_the_length_and_t
     assert bytes(conn.received) == request
 
 
+async def test_aiohttp_adds_no_header_of_its_own(serve: Serve, sender: Sender) -> None:
+    # No User-Agent, Accept, Accept-Encoding or Content-Type of aiohttp's: Host and the length.
+    server = await serve(serve_ok)
+    assert_ok(await sender.send(server.url + "/bare", b"{}", {}))
+    [request] = server.requests
+    assert request == (
+        b"POST /bare HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\n\r\n{}" % server.port
+    )
+
+
 # ---------------------------------------------------------------- connection reuse
 
 
@@ -325,6 +335,28 @@ async def test_an_interim_response_then_a_close_is_a_connection_error(
     outcome = await send(sender, server)
     assert server.accepted == 1
     assert_connection_error(outcome)
+
+
+async def test_a_protocol_switch_is_a_failure_and_its_connection_is_not_reused(
+    serve: Serve, sender: Sender
+) -> None:
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    switch += b"\r\n"
+
+    async def handler(conn: Conn) -> None:
+        if len(server.conns) > 1:
+            await conn.serve(OK)
+            return
+        await conn.read_request()
+        await conn.answer(switch + OK)
+        await conn.until_closed()
+
+    server = await serve(handler)
+    switched = await send(sender, server)
+    assert (switched.status, switched.error_class) == (101, "http_status"), switched
+    assert_ok(await send(sender, server))
+    assert server.accepted == 2
+    await wait_event(server.conns[0].peer_closed)
 
 
 async def test_garbage_instead_of_http_is_a_connection_error(serve: Serve, sender: Sender) -> None:
