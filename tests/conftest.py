@@ -100,6 +100,24 @@ def settings(database_url: str, ca_file: Path) -> Settings:
     )
 
 
+@pytest.fixture(autouse=True)
+async def _no_retries_left_behind(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After a test that used the session's database, end the deliveries it left pending.
+
+    A later test's worker would otherwise take their retries up, to receivers long gone, and
+    count their endpoints as failing: tests must not depend on the order they run in.
+    """
+    if "database_url" not in request.fixturenames:
+        yield
+        return
+    pool: asyncpg.Pool[Any] = request.getfixturevalue("pool")
+    yield
+    await pool.execute(
+        """UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, claimed_by = NULL
+           WHERE status = 'pending'"""
+    )
+
+
 def with_(settings: Settings, **changes: Any) -> Settings:
     """A copy of settings with some fields changed."""
     return dataclasses.replace(settings, **changes)
