@@ -192,11 +192,11 @@ async def _limited(b: Bench, count: int) -> tuple[float, float, int]:
 
 
 async def fleet(b: Bench) -> None:
-    rows: dict[int, dict[str, float]] = {}
+    rows: dict[str, dict[str, float]] = {}
     for count in WORKERS:
         rps, cpu_us = await _unlimited(b, count)
         window, any_window, most = await _limited(b, count)
-        rows[count] = {
+        rows[str(count)] = {
             "deliveries_per_s": round(rps, 1),
             "worker_cpu_us_per_delivery": round(cpu_us, 1),
             "worst_1s_window_ratio": round(window, 3),
@@ -204,7 +204,7 @@ async def fleet(b: Bench) -> None:
             "most_in_flight": most,
         }
     b.results.extra["fleet_by_workers"] = rows
-    last, first = rows[WORKERS[-1]], rows[WORKERS[0]]
+    last, first = rows[str(WORKERS[-1])], rows[str(WORKERS[0])]
     b.figures["fleet_window_ratio"] = last["worst_1s_window_ratio"]
     b.figures["fleet_cpu_ratio"] = (
         last["worker_cpu_us_per_delivery"] / first["worker_cpu_us_per_delivery"]
