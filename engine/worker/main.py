@@ -155,9 +155,11 @@ class Worker:
         if not self._started:
             await self.cache.close()
             return
-        await self.poller.stop()
+        await self.poller.stop_polling()
         await self.purger.stop()
         cancelled = await self.dispatcher.drain(left(0.0))
+        # Beating until now kept the endpoints' leases this worker's while its attempts ran.
+        await self.poller.stop()
         # The last writes must happen even if whoever awaits stop() is cancelled meanwhile.
         await asyncio.shield(self._final_writes(cancelled, wait_for_db=left(2.0)))
         await self.cache.close()

@@ -96,6 +96,14 @@ class Poller:
             asyncio.create_task(self._beat_forever(), name="heartbeat"),
         ]
 
+    async def stop_polling(self) -> None:
+        """Claim nothing more, but keep beating: the attempts under way still need this
+        worker's claims and endpoint leases until they end (`stop` ends the beating)."""
+        polling = [t for t in self._tasks if t.get_name() == "poller"]
+        for task in polling:
+            task.cancel()
+        await asyncio.gather(*polling, return_exceptions=True)
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -227,3 +227,41 @@ async def test_one_account_cannot_take_all_of_a_workers_slots(
                 " AND status = 'pending'",
                 webhook_id,
             )
+
+
+async def test_a_stopping_worker_keeps_its_endpoints_until_its_attempts_end(
+    start_worker: Callable[..., Any],
+    publisher: Publisher,
+    receiver: Receiver,
+    pool: asyncpg.Pool[Any],
+    wsettings: Settings,
+) -> None:
+    # Answers take longer than a lease: were the draining worker silent meanwhile, another
+    # worker could take the endpoint over while its attempts still run.
+    gauge = Gauge(wsettings.worker_lease + 1.5)
+    receiver.handler = gauge
+    worker = await start_worker(delivery_timeout=10.0)
+    account, _, _ = await subscribed(worker, pool, wsettings, receiver.url)
+    await publisher.publish(make_event(account))
+    await eventually(lambda: gauge.in_flight == 1)
+
+    stopping = asyncio.create_task(worker.stop(grace=wsettings.worker_lease + 5))
+    await asyncio.sleep(wsettings.worker_lease + 0.5)
+    assert not stopping.done()
+    holder = await pool.fetchval(
+        """SELECT l.worker_id FROM endpoint_leases l JOIN workers w ON w.id = l.worker_id
+           WHERE l.endpoint = $1
+             AND w.heartbeat_at > now() - make_interval(secs => $2)""",
+        endpoint_key(receiver.url),
+        wsettings.worker_lease,
+    )
+    assert holder == worker.id
+    await stopping
+    # Stopped, it gave the endpoint up.
+    released = await pool.fetchrow(
+        "SELECT worker_id, released_at FROM endpoint_leases WHERE endpoint = $1",
+        endpoint_key(receiver.url),
+    )
+    assert released is not None
+    assert released["worker_id"] is None
+    assert released["released_at"] is not None
