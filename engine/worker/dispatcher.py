@@ -155,8 +155,9 @@ class Dispatcher:
         # Endpoints that could start an attempt but for a free global slot, in the order they
         # asked: each freed slot goes to the first of them.
         self._line: deque[_Endpoint] = deque()
-        # Attempts in flight per account (`_over_share`).
+        # Per account: attempts in flight, and jobs queued or in flight (`_over_share`).
         self._running_by: Counter[str] = Counter()
+        self._load: Counter[str] = Counter()
         self._share = max(1, settings.max_in_flight * 3 // 4)
         self._queued = 0
         self._stopping = False
@@ -250,6 +251,7 @@ class Dispatcher:
         endpoint.queue.append(job)
         endpoint.last_used = now
         self._queued += 1
+        self._load[job.event.account_id] += 1
         if len(endpoint.queue) == 1:
             # A queue that had work is waiting already: for a slot of its own, a token or the
             # end of a pause (a timer), or a global slot (the line); each of them starts it.
@@ -384,13 +386,24 @@ class Dispatcher:
 
     def _hand_back_queue(self, ep: _Endpoint) -> None:
         while ep.queue:
-            self._recorder.hand_back(ep.queue.popleft(), ep.key)
+            job = ep.queue.popleft()
             self._queued -= 1
+            self._unload(job.event.account_id)
+            self._recorder.hand_back(job, ep.key)
+
+    def _unload(self, account: str) -> None:
+        """One of the account's jobs left this worker (ended, or went back to Postgres)."""
+        self._load[account] -= 1
+        if not self._load[account]:
+            del self._load[account]
 
     def _over_share(self, account: str) -> bool:
-        """Whether the account holds its share of the global slots (three quarters of them):
-        the rest stay free for other accounts' attempts, which then start at once."""
-        return self._running_by[account] >= self._share
+        """Whether the account holds its share of the global slots (three quarters of them)
+        while another account has work here: the rest is then kept for that work. Alone, an
+        account may use every slot."""
+        return self._running_by[account] >= self._share and self._load[account] < (
+            self._queued + self._running
+        )
 
     def _park(self, ep: _Endpoint, webhook_id: str, now: float) -> float:
         """Seconds a job of this full failing endpoint waits in Postgres; its webhook is noted
@@ -432,6 +445,7 @@ class Dispatcher:
             if target is None or self._key(target.url) != ep.key:
                 ep.queue.popleft()
                 self._queued -= 1
+                self._unload(job.event.account_id)
                 if target is None:
                     self._recorder.gone(job)
                 else:  # the webhook's URL changed: it belongs to another endpoint now
@@ -487,6 +501,7 @@ class Dispatcher:
         self._running_by[account] -= 1
         if not self._running_by[account]:
             del self._running_by[account]
+        self._unload(account)
         line = self._line
         for _ in range(len(line)):
             if not line or self._running >= self._settings.max_in_flight:
