@@ -50,6 +50,7 @@ class ClaimedDelivery:
     attempts: int
     event: Event
     retry_base: int = 0  # attempts made before its current retry schedule began
+    endpoint: str | None = None  # the endpoint it was claimed for
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,8 @@ async def claim_due(conn: Conn, worker_id: str, wants: Mapping[str, int]) -> lis
                              LIMIT w.n
                              FOR UPDATE SKIP LOCKED) c)
               AND e.account_id = d.account_id AND e.id = d.event_id
-            RETURNING d.id, d.webhook_id, d.attempts, d.retry_base, e.id AS event_id, e.type,
-                      e.account_id, e.mode, e."timestamp", e.data""",
+            RETURNING d.id, d.webhook_id, d.attempts, d.retry_base, d.endpoint, e.id AS event_id,
+                      e.type, e.account_id, e.mode, e."timestamp", e.data""",
         worker_id,
         list(wants),
         list(wants.values()),
@@ -96,6 +97,7 @@ async def claim_due(conn: Conn, worker_id: str, wants: Mapping[str, int]) -> lis
             webhook_id=r["webhook_id"],
             attempts=r["attempts"],
             retry_base=r["retry_base"],
+            endpoint=r["endpoint"],
             event=Event(
                 id=r["event_id"],
                 type=r["type"],

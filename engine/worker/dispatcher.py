@@ -19,9 +19,10 @@ holds at most `hold_each` jobs in memory; the ones beyond are parked — put bac
 due a while later, spread over half as long again so they do not all come back at once — so
 dead endpoints cannot fill the memory that healthy ones' deliveries pass through. While it
 still holds at least half of that, the poller leaves its due deliveries in Postgres (`wants`):
-claimed, they would only be parked again. Every other endpoint holds at most `hold_each` jobs
-in memory too; the rest wait in Postgres, due, and are claimed per endpoint as it makes room,
-so a deep backlog at one endpoint never stands in front of another's deliveries.
+claimed, they would only be parked again. Every other endpoint holds at most half the worker's
+hold (`hold_busy`); the rest wait in Postgres, due, and are claimed per endpoint as it makes
+room, and each endpoint may always hold `FLOOR` jobs however full the worker is: a deep backlog
+at one endpoint never stands in front of another's deliveries.
 
 The worker sends only to endpoints whose lease it holds (`engine.worker.leases`): one worker per
 endpoint at a time, so the rate and concurrency above hold for the whole deployment. A job for
@@ -74,6 +75,9 @@ _SWEEP_INTERVAL = 30.0
 # deliveries go to Postgres unclaimed meanwhile, for that worker (or, should it let the lease
 # go, for whoever finds them due next).
 _OTHERS_FOR = 1.0
+# Jobs an endpoint may always hold in memory, however full the worker is: a newcomer's first
+# deliveries are never left in Postgres because other endpoints filled the hold.
+FLOOR = 16
 # Taking leases failed: an outage, or (rarely) a deadlock with a worker releasing some of them.
 _LEASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT, asyncpg.DeadlockDetectedError)
 # While the leases wait for a heartbeat to get through, a held endpoint looks again this often.
@@ -102,6 +106,7 @@ class Placement:
 class _Endpoint:
     __slots__ = (
         "active",
+        "backlog",
         "breaker",
         "bucket",
         "in_line",
@@ -126,6 +131,7 @@ class _Endpoint:
         self.in_line = False  # while it waits for a global slot (Dispatcher._line)
         self.last_used = now
         self.parked: set[str] = set()  # webhooks whose jobs it parked since it last succeeded
+        self.backlog = False  # due deliveries of it wait in Postgres for room here
 
 
 class Dispatcher:
@@ -168,12 +174,17 @@ class Dispatcher:
         self._sweeper: asyncio.Task[None] | None = None
         # Bound on jobs held in memory; beyond it new work stays in Postgres for the poller.
         self.capacity = max(10_000, 20 * settings.max_in_flight)
-        # Bound on the jobs one endpoint holds in memory; beyond it they stay in Postgres, due
-        # (a failing endpoint's are parked there, due later), and are claimed as it makes room.
+        # Bounds on the jobs one endpoint holds in memory: a failing one (beyond it they are
+        # parked in Postgres, due later) and any other (beyond it they stay in Postgres, due,
+        # and are claimed as it makes room).
         self.hold_each = self.capacity // 20
+        self.hold_busy = self.capacity // 2
         # The longest pause between a failing endpoint's attempts: at most a second, and never
         # longer than the first retry's wait, so a short schedule is not stretched much.
         self._pause_cap = max(0.01, min(1.0, *settings.retry_schedule[:1]))
+        # Set when an endpoint with deliveries waiting in Postgres has room for more: the poller
+        # claims then rather than at its next turn, so a backlog flows without gaps.
+        self.room_for_backlog = asyncio.Event()
         # Whether the worker is behind on its work (set by the worker: the consumer's backlog).
         self.behind: Callable[[], bool] = lambda: False
         # Read when scraped, not set per attempt.
@@ -289,7 +300,7 @@ class Dispatcher:
             queued = len(ep.queue) if ep is not None else 0
             if not self._leases.holds(key):
                 placed[delivery_id] = Placement(key, claimed=False)
-            elif room > 0 and queued + taking[key] < self.hold_each:
+            elif self._has_room(ep, queued + taking[key], room):
                 room -= 1
                 taking[key] += 1
                 placed[delivery_id] = Placement(key, claimed=True)
@@ -298,6 +309,8 @@ class Dispatcher:
                 placed[delivery_id] = Placement(key, claimed=False, park_for=park_for)
             else:
                 placed[delivery_id] = Placement(key, claimed=False)
+                if ep is not None:
+                    ep.backlog = True
         return placed
 
     async def lease(self, endpoints: Iterable[str]) -> set[str]:
@@ -348,23 +361,38 @@ class Dispatcher:
             return {}
         held = self._leases.held
         room = self.room()
-        share = max(16, room // max(1, len(held)))
+        share = max(FLOOR, room // max(1, len(held)))
         wants: dict[str, int] = {}
         for key in held:
-            if room <= 0:
-                break
             ep = self._endpoints.get(key)
             queued = len(ep.queue) if ep is not None else 0
             if ep is not None and self._holds_back(ep):
                 continue
-            want = min(self.hold_each - queued, share, room)
+            want = min(self._hold(ep) - queued, share, max(room, FLOOR - queued))
             if want > 0:
                 wants[key] = want
-                room -= want
+                room = max(0, room - want)
         return wants
+
+    def _hold(self, ep: _Endpoint | None) -> int:
+        """How many jobs the endpoint may hold in memory."""
+        return self.hold_each if ep is not None and ep.breaker.tripped else self.hold_busy
+
+    def _has_room(self, ep: _Endpoint | None, queued: int, room: int) -> bool:
+        """Whether the endpoint may take one more job: within its own bound, and within the
+        worker's (`room`) unless it holds fewer than FLOOR."""
+        return queued < self._hold(ep) and (room > 0 or queued < FLOOR)
 
     def _holds_back(self, ep: _Endpoint) -> bool:
         return bool(ep.parked) and ep.breaker.tripped and len(ep.queue) >= self.hold_each // 2
+
+    def claimed(self, wants: dict[str, int], got: Counter[str]) -> None:
+        """The poller claimed `got` of the `wants` per endpoint: one that got all it asked for
+        may have more waiting in Postgres (`room_for_backlog`)."""
+        for key, want in wants.items():
+            ep = self._endpoints.get(key)
+            if ep is not None and want > 0:
+                ep.backlog = got[key] >= want
 
     def idle(self, idle_for: float) -> list[str]:
         """Held endpoints with nothing queued or in flight, unused for `idle_for` seconds."""
@@ -473,6 +501,8 @@ class Dispatcher:
             # The webhook may change before the attempt runs: `_attempt` looks it up again.
             ep.queue.popleft()
             self._queued -= 1
+            if ep.backlog and len(ep.queue) <= self._hold(ep) // 2:
+                self.room_for_backlog.set()
             ep.active += 1
             self._running += 1
             self._running_by[job.event.account_id] += 1

@@ -16,9 +16,11 @@ the leases another worker took meanwhile and gives up those of endpoints idle fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import asyncpg
@@ -187,6 +189,7 @@ class Poller:
 
     async def _claim(self, wants: dict[str, int]) -> int:
         claimed = await claim_due(self._pool, self._worker_id, wants)
+        self._dispatcher.claimed(wants, Counter(c.endpoint or "" for c in claimed))
         if claimed:
             self._dispatcher.submit(
                 Job(c.id, c.webhook_id, c.event, c.attempts + 1, retry_base=c.retry_base)
@@ -206,5 +209,11 @@ class Poller:
                 log.exception("claiming due deliveries failed")
                 await asyncio.sleep(1.0)
                 claimed = 0
-            # Deliveries claimed mean more may be due: claim again soon, not a full interval on.
-            await asyncio.sleep(self._settings.poll_interval / (4 if claimed else 1))
+            # Deliveries claimed mean more may be due: claim again soon, not a full interval on;
+            # and at once when an endpoint with a backlog in Postgres has room for more.
+            room = self._dispatcher.room_for_backlog
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    room.wait(), self._settings.poll_interval / (4 if claimed else 1)
+                )
+            room.clear()
