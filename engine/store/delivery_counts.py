@@ -205,7 +205,7 @@ class Start:
 async def page_start(
     conn: Any, webhook_id: str, *, status: str | None, event_type: str | None, offset: int
 ) -> Start | None:
-    """Find the hour a page at `offset` starts in from the counts (one round trip); None when
+    """Find the hour a page at `offset` starts in from the counts (two round trips); None when
     the webhook's hours are not counted."""
     args: list[Any] = [webhook_id]
     where = ["webhook_id = $1"]
@@ -215,12 +215,17 @@ async def page_start(
             where.append(f"{column} = ${len(args)}")
     condition = " AND ".join(where)
     n = len(args)
+    # Its own query: bound as a value, the newest deliveries' count below is planned as a range
+    # of the list's index (as a subquery's result it was planned as a scan of the whole table).
+    counted_until: datetime | None = await conn.fetchval(
+        "SELECT counted_until FROM delivery_counts_state WHERE webhook_id = $1", webhook_id
+    )
+    if counted_until is None:
+        return None
     row = await conn.fetchrow(
-        f"""WITH state AS (
-                SELECT counted_until FROM delivery_counts_state WHERE webhook_id = $1),
-            head AS (
+        f"""WITH head AS (
                 SELECT count(*) AS n FROM deliveries
-                WHERE {condition} AND created_at >= (SELECT counted_until FROM state)),
+                WHERE {condition} AND created_at >= ${n + 2}),
             hours AS (
                 SELECT hour, sum(n)::bigint AS n FROM (
                     SELECT hour, n FROM delivery_counts WHERE {condition}
@@ -233,15 +238,13 @@ async def page_start(
                 SELECT hour, upto - n AS before FROM running
                 WHERE upto > ${n + 1} - (SELECT n FROM head)
                 ORDER BY hour DESC LIMIT 1)
-            SELECT (SELECT counted_until FROM state) AS counted_until,
-                   (SELECT n FROM head) AS head,
+            SELECT (SELECT n FROM head) AS head,
                    (SELECT coalesce(sum(n), 0) FROM hours)::bigint AS counted,
                    (SELECT hour FROM found) AS hour, (SELECT before FROM found) AS before""",
         *args,
         offset,
+        counted_until,
     )
-    if row["counted_until"] is None:
-        return None
     head = int(row["head"])
     total = head + int(row["counted"])
     if offset < head:
