@@ -257,7 +257,7 @@ async def fairness(b: Bench) -> None:
         "backlog": backlog,
         "backlog_left_pending": left,
         "busy_arrivals": len(busy.arrivals),
-        "light_p50_ms": None if not waits else round(percentile(waits, 50) or 0.0, 4) * 1000,
+        "light_p50_ms": None if not waits else round((percentile(waits, 50) or 0.0) * 1000, 1),
         "light_max_ms": None if not waits else round(waits[-1] * 1000, 1),
     }
     b.results.extra["fairness_targets_met"] = {
