@@ -41,6 +41,7 @@ class Leases:
         self._worker_id = worker_id
         self._clock = clock
         self._held: set[str] = set()
+        self._acquiring: set[str] = set()  # asked for right now (`verify` leaves them alone)
         self._valid_until = float("-inf")
 
     @property
@@ -71,18 +72,27 @@ class Leases:
         wanted = [e for e in set(endpoints) if e not in self._held]
         if not wanted or not self.valid:
             return {}
-        taken = await acquire_leases(
-            self._pool, self._worker_id, wanted, lease=self._settings.worker_lease
-        )
+        self._acquiring.update(wanted)
+        try:
+            taken = await acquire_leases(
+                self._pool, self._worker_id, wanted, lease=self._settings.worker_lease
+            )
+        finally:
+            self._acquiring.difference_update(wanted)
         self._held.update(taken)
         return taken
 
     async def verify(self) -> set[str]:
-        """Drop and return the leases Postgres no longer says are this worker's."""
+        """Drop and return the leases Postgres no longer says are this worker's; give up those
+        it says are, that this worker has forgotten (their release failed), lest nobody
+        serve those endpoints while this worker lives."""
         before = set(self._held)  # (those taken while this reads are Postgres's already)
         held = await leases_held(self._pool, self._worker_id)
         lost = before - held
         self._held -= lost
+        stray = held - before - self._held - self._acquiring
+        if stray:
+            await release_leases(self._pool, self._worker_id, list(stray))
         return lost
 
     def forget(self, endpoints: Iterable[str]) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
+from engine.settings import Settings
 from engine.store.endpoints import (
     acquire_leases,
     fill_endpoints,
@@ -19,6 +21,7 @@ from engine.store.endpoints import (
 )
 from engine.store.queue import heartbeat, release_worker
 from engine.worker.dispatcher import endpoint_key
+from engine.worker.leases import Leases
 from tests.worker.helpers import insert_pending
 
 LEASE = 15.0
@@ -176,3 +179,19 @@ async def test_pending_deliveries_written_without_an_endpoint_get_one(
         "SELECT DISTINCT endpoint FROM deliveries WHERE webhook_id = $1", webhook_id
     )
     assert [r["endpoint"] for r in endpoints] == [endpoint_key(url)]
+
+
+async def test_a_lease_the_worker_forgot_is_given_up_at_the_next_check(
+    pool: asyncpg.Pool[Any], wsettings: Settings
+) -> None:
+    worker_id = await _worker(pool)
+    leases = Leases(wsettings, pool, worker_id)
+    leases.renewed(time.monotonic())
+    kept, forgotten = (f"https://{_tag()}.example:443" for _ in range(2))
+    assert set(await leases.acquire([kept, forgotten])) == {kept, forgotten}
+    leases.forget([forgotten])  # as if giving it up in Postgres had failed
+
+    assert await leases.verify() == set()
+    assert await leases_held(pool, worker_id) == {kept}
+    assert leases.owns(kept)
+    assert not leases.owns(forgotten)
