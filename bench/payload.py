@@ -59,7 +59,7 @@ PAD = _padding()
 
 
 def event_message(event_id: str, account_id: str, sent_at: float | None = None) -> bytes:
-    """An ingress message (CONTRACT §2) stamped with its publish time."""
+    """An ingress message (docs/contract.md §2) stamped with its publish time."""
     stamp = time.time() if sent_at is None else sent_at
     return orjson.dumps(
         {

@@ -1,4 +1,4 @@
-"""The table and the JSON summary: one key per figure, the targets of issue 6, sanity checks."""
+"""The table and the JSON summary: one key per figure, the targets, sanity checks."""
 
 from __future__ import annotations
 

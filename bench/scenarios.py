@@ -1,4 +1,4 @@
-"""The scenarios of issue 6, run in order in one invocation; each adds figures to `Results`.
+"""The scenarios, run in order in one invocation; each adds figures to `Results`.
 
 The rate scenarios — limit, throughput, isolation — run in `Sizes.rounds` interleaved rounds
 (limit, throughput, isolation, limit, throughput, …), and each figure is the sum of its rounds

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_json(value: Any) -> None:
-    # The stdlib's spacing, as CONTRACT §5 and the README print it: {"accountId": …, "apiKey": …}
+    # The stdlib's spacing, as docs/contract.md §5 and the README print it: {"accountId": …}
     sys.stdout.write(json.dumps(value) + "\n")
 
 

@@ -1,1 +1,1 @@
-"""The management API (CONTRACT §1): an aiohttp server in front of `engine.store`."""
+"""The management API (docs/contract.md §1): an aiohttp server in front of `engine.store`."""

@@ -1,4 +1,4 @@
-"""The Webhooks API's handlers (CONTRACT §1). Auth has run by the time any of these is called."""
+"""The Webhooks API's handlers (docs/contract.md §1). Auth has run before any of these."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ __all__ = [
     "parse_schedule",
 ]
 
-# 5s, 5m, 30m, 2h, 5h, 10h, 10h: 8 attempts in all (CONTRACT §4).
+# 5s, 5m, 30m, 2h, 5h, 10h, 10h: 8 attempts in all (docs/contract.md §4).
 DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 RETRY_AFTER_CAP = 3600.0
 # Jitter only ever lengthens a wait, so a retry never comes earlier than the schedule promises.

@@ -1,4 +1,4 @@
-"""The webhook request body (CONTRACT §3) and the sample data of test deliveries."""
+"""The webhook request body (docs/contract.md §3) and the sample data of test deliveries."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Webhook signatures (CONTRACT §3): HMAC-SHA256 of the raw body, keyed by the secret."""
+"""Webhook signatures (docs/contract.md §3): HMAC-SHA256 of the raw body, keyed by the secret."""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
         "--header",
         f"X-API-Key: {account.key}",
         "--max-examples",
-        # Many examples per operation in CI (issue 5); override for a quicker local run.
+        # Many examples per operation in CI ; override for a quicker local run.
         os.environ.get("CARGOLINT_SCHEMATHESIS_EXAMPLES", "60"),
         "--checks",
         "all",

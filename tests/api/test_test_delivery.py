@@ -31,7 +31,7 @@ DELIVERY_KEYS = {
 
 
 def contract_verify(secret: str, payload: str, signature: str) -> bool:
-    """CONTRACT §3's snippet, unchanged."""
+    """docs/contract.md §3's snippet, unchanged."""
     expected = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, signature.split("=")[1])
 

@@ -1,4 +1,4 @@
-"""The quick benchmark runs end to end and its summary holds every figure (issue 6).
+"""The quick benchmark runs end to end and its summary holds every figure.
 
 Loose sanity bounds only: no unit test times anything. The figures themselves are judged
 against the targets by the full run, on a quiet machine.

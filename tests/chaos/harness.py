@@ -174,7 +174,7 @@ class Proc:
 def make_event(
     number: int, account_id: str, *, run: str, event_type: str = "document.uploaded"
 ) -> dict[str, Any]:
-    """A valid `document.uploaded` event (CONTRACT §2) with a unique id."""
+    """A valid `document.uploaded` event (docs/contract.md §2) with a unique id."""
     return {
         "id": f"evt_{run}_{number}",
         "event": event_type,

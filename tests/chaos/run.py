@@ -274,7 +274,7 @@ class StreamPublisher:
     """Publishes events at a steady rate with confirms, reconnecting through broker outages.
 
     A batch whose confirm was lost is published again: the engine must deliver an event id
-    once however often it is published (CONTRACT §2).
+    once however often it is published (docs/contract.md §2).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""RabbitMQ restarted in the middle of a 5,000-event run (issue 5).
+"""RabbitMQ restarted in the middle of a 5,000-event run.
 
 The worker must reconnect by itself, lose nothing, keep records consistent and resume
 consuming within seconds of the broker being back.

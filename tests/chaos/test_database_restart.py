@@ -1,4 +1,4 @@
-"""Postgres restarted in the middle of a run (issue 5): cleanly (`fast`) and like a crash
+"""Postgres restarted in the middle of a run: cleanly (`fast`) and like a crash
 (`immediate`), down for a few seconds each time.
 
 The worker keeps nothing half-written, recovers without a restart of its own, and every

@@ -1,4 +1,4 @@
-"""Receivers that fail (issue 5): down for a while then back; a trickler and an endless body.
+"""Receivers that fail: down for a while then back; a trickler and an endless body.
 
 Deliveries to a receiver that comes back resume on the retry schedule with every attempt
 recorded; a receiver that trickles or never ends its body costs one timeout or one capped

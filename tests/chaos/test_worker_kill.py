@@ -1,4 +1,4 @@
-"""`kill -9` of a worker while retries are due (issue 5): another worker picks them up."""
+"""`kill -9` of a worker while retries are due: another worker picks them up."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every rendered manifest validates offline, and the workloads keep the promises of issue 4."""
+"""Every rendered manifest validates offline, and the workloads keep deploy/README.md's promises."""
 
 from __future__ import annotations
 

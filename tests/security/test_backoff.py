@@ -1,4 +1,4 @@
-"""Backoff arithmetic (CONTRACT §4) and token buckets: properties over generated inputs."""
+"""Backoff arithmetic (docs/contract.md §4) and token buckets: properties over generated inputs."""
 
 from __future__ import annotations
 

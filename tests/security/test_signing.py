@@ -1,4 +1,4 @@
-"""Signatures (CONTRACT §3) and key comparisons, against the contract's own verification snippet.
+"""Signatures (docs/contract.md §3) and key comparisons, against the docs' verification snippet.
 
 Timing: `verify` and `key_matches` compare with `hmac.compare_digest`; a timing test would be
 noise on shared CI cores, so these tests pin their behaviour instead.

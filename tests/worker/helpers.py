@@ -24,7 +24,7 @@ ALL_TYPES = ("document.uploaded", "compliance.warning", "document.batch_download
 
 
 def verify_signature(secret: str, payload: bytes, signature: str) -> bool:
-    """The verification snippet from the public docs (CONTRACT §3), unchanged."""
+    """The verification snippet from the public docs (docs/contract.md §3), unchanged."""
     payload_text = payload.decode()
     expected = hmac.new(secret.encode(), payload_text.encode(), hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, signature.split("=")[1])
