@@ -97,6 +97,18 @@ class Settings:
                 return False
             raise SettingsError(name, f"must be 0 or 1, got {raw!r}")
 
+        def duration(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = parse_duration(raw)
+            except ValueError as exc:
+                raise SettingsError(name, str(exc)) from None
+            if value <= 0:
+                raise SettingsError(name, "must be longer than 0")
+            return value
+
         def port(name: str, default: int) -> int:
             value = int(number(name, default, minimum=0, integer=True))
             if value > 65535:
@@ -110,14 +122,7 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError("CARGOLINT_RETRY_SCHEDULE", str(exc)) from None
 
-        disable_after = d.disable_after
-        if raw := env.get("CARGOLINT_DISABLE_AFTER", "").strip():
-            try:
-                disable_after = parse_duration(raw)
-            except ValueError as exc:
-                raise SettingsError("CARGOLINT_DISABLE_AFTER", str(exc)) from None
-            if disable_after <= 0:
-                raise SettingsError("CARGOLINT_DISABLE_AFTER", "must be longer than 0")
+        disable_after = duration("CARGOLINT_DISABLE_AFTER", d.disable_after)
 
         networks: list[IPNetwork] = []
         for part in env.get("CARGOLINT_ALLOWED_NETWORKS", "").split(","):
@@ -161,14 +166,7 @@ class Settings:
         if rate <= 0:
             raise SettingsError("CARGOLINT_ENDPOINT_RATE", "must be greater than 0")
 
-        retention = d.retention
-        if raw := env.get("CARGOLINT_RETENTION", "").strip():
-            try:
-                retention = parse_duration(raw)
-            except ValueError as exc:
-                raise SettingsError("CARGOLINT_RETENTION", str(exc)) from None
-            if retention <= 0:
-                raise SettingsError("CARGOLINT_RETENTION", "must be longer than 0")
+        retention = duration("CARGOLINT_RETENTION", d.retention)
 
         dns_timeout = number("CARGOLINT_DNS_TIMEOUT", d.dns_timeout)
         if dns_timeout <= 0:
