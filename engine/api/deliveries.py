@@ -31,6 +31,7 @@ from engine.api.state import POOL, SETTINGS
 from engine.api.validation import parse_delivery_filter, parse_empty, parse_page, parse_recover
 from engine.core.times import rfc3339
 from engine.store import deliveries, resending, webhooks
+from engine.store.accounts import Principal
 from engine.store.detail import get_delivery_detail
 
 __all__ = ["RESPONSE_BODY_SHOWN", "routes"]
@@ -55,17 +56,22 @@ _CONFLICTS = {
 }
 
 
+async def _ensure_own_webhook(conn: webhooks.Conn, who: Principal, webhook_id: str) -> None:
+    """404 unless the webhook exists for the key's account and mode."""
+    found = await webhooks.get_webhook(
+        conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
+    )
+    if found is None:
+        raise webhook_not_found(webhook_id)
+
+
 async def list_webhook_deliveries(request: web.Request) -> web.Response:
     who = principal(request)
     webhook_id = webhook_id_of(request)
     offset, limit = parse_page(request.query)
     filters = parse_delivery_filter(request.query)
     async with request.app[POOL].acquire() as conn:
-        found = await webhooks.get_webhook(
-            conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
-        )
-        if found is None:
-            raise webhook_not_found(webhook_id)
+        await _ensure_own_webhook(conn, who, webhook_id)
         rows, total = await deliveries.list_deliveries(
             conn, webhook_id, filters, offset=offset, limit=limit
         )
@@ -97,11 +103,7 @@ async def get_delivery(request: web.Request) -> web.Response:
     webhook_id = webhook_id_of(request)
     dlv_id = delivery_id_of(request)
     async with request.app[POOL].acquire() as conn:
-        found = await webhooks.get_webhook(
-            conn, account_id=who.account_id, mode=who.mode, webhook_id=webhook_id
-        )
-        if found is None:
-            raise webhook_not_found(webhook_id)
+        await _ensure_own_webhook(conn, who, webhook_id)
         detail = await get_delivery_detail(conn, webhook_id, dlv_id)
     if detail is None:
         raise delivery_not_found(dlv_id)
