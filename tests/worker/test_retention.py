@@ -8,6 +8,7 @@ by hand; the purge runs with a retention of 30 days, so "old" is 30 days and two
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,6 +36,24 @@ HOUR = 3600.0
 
 def _ago(seconds: float) -> datetime:
     return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+async def _old_deliveries(
+    pool: asyncpg.Pool[Any], hook: str, account: str, statuses: Sequence[str]
+) -> list[str]:
+    """Finished deliveries of `hook`, created past the retention, each a second older."""
+    return [
+        await add_delivery(
+            pool,
+            hook,
+            account,
+            mode="live",
+            status=status,
+            attempts=1,
+            created_at=_ago(RETENTION + 2 * HOUR + i),
+        )
+        for i, status in enumerate(statuses)
+    ]
 
 
 async def _attempt(pool: asyncpg.Pool[Any], dlv: str, number: int = 1) -> None:
@@ -133,18 +152,7 @@ async def test_old_finished_deliveries_go_with_their_attempts_and_events(
 ) -> None:
     account = await make_account(pool)
     hook, _ = await make_webhook(pool, settings, account, URL)
-    old = [
-        await add_delivery(
-            pool,
-            hook,
-            account,
-            mode="live",
-            status=s,
-            attempts=1,
-            created_at=_ago(RETENTION + 2 * HOUR),
-        )
-        for s in ("succeeded", "failed", "failed")
-    ]
+    old = await _old_deliveries(pool, hook, account, ("succeeded", "failed", "failed"))
     old_pending = await add_delivery(
         pool,
         hook,
@@ -224,18 +232,7 @@ async def test_an_event_stays_while_another_webhooks_delivery_needs_it(
 async def test_batches_reach_everything_old(pool: asyncpg.Pool[Any], settings: Settings) -> None:
     account = await make_account(pool)
     hook, _ = await make_webhook(pool, settings, account, URL)
-    old = [
-        await add_delivery(
-            pool,
-            hook,
-            account,
-            mode="live",
-            status="succeeded",
-            attempts=1,
-            created_at=_ago(RETENTION + 2 * HOUR + i),
-        )
-        for i in range(7)
-    ]
+    old = await _old_deliveries(pool, hook, account, ["succeeded"] * 7)
     purger = _purger(settings, batch=3, budget=0.0)  # one batch per run
 
     first = await purger.run_once()
@@ -250,18 +247,7 @@ async def test_a_purge_in_progress_elsewhere_makes_a_run_skip(
 ) -> None:
     account = await make_account(pool)
     hook, _ = await make_webhook(pool, settings, account, URL)
-    old = [
-        await add_delivery(
-            pool,
-            hook,
-            account,
-            mode="live",
-            status="failed",
-            attempts=1,
-            created_at=_ago(RETENTION + 2 * HOUR),
-        )
-        for _ in range(4)
-    ]
+    old = await _old_deliveries(pool, hook, account, ["failed"] * 4)
     other = await connect(settings.database_url)
     try:
         assert await other.fetchval("SELECT pg_try_advisory_lock($1)", PURGE_LOCK)
@@ -279,18 +265,7 @@ async def test_two_purgers_racing_remove_each_row_once(
 ) -> None:
     account = await make_account(pool)
     hook, _ = await make_webhook(pool, settings, account, URL)
-    old = [
-        await add_delivery(
-            pool,
-            hook,
-            account,
-            mode="live",
-            status="succeeded",
-            attempts=1,
-            created_at=_ago(RETENTION + 2 * HOUR + i),
-        )
-        for i in range(40)
-    ]
+    old = await _old_deliveries(pool, hook, account, ["succeeded"] * 40)
     for d in old:
         await _attempt(pool, d)
     one, two = _purger(settings, batch=5), _purger(settings, batch=5)
