@@ -30,7 +30,7 @@ __all__ = ["history", "retention"]
 
 TABLES = ("deliveries", "delivery_attempts", "events")
 # Written without the triggers (history written before the counts exist, as after migrating):
-# session_replication_role = replica skips ordinary triggers for this session.
+# session_replication_role = replica skips ordinary triggers on this connection.
 _QUIET = "SET session_replication_role = replica"
 
 

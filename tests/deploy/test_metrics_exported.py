@@ -1,6 +1,6 @@
 """Every metric the alerts and the dashboard use is exported by a real worker or API process.
 
-Both run as `cargolint-webhooks worker|api` subprocesses against this session's database and
+Both run as `cargolint-webhooks worker|api` subprocesses against the test run's database and
 RabbitMQ vhost; their /metrics pages are scraped, compared and linted with `promtool check metrics`.
 """
 
