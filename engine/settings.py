@@ -49,6 +49,8 @@ class Settings:
     # A webhook whose attempts have all failed for this long is disabled (docs/contract.md §6).
     disable_after: float = 5 * 86400.0
     # Beyond the contract: tuning knobs with safe defaults.
+    # The share of one Postgres backend the purge may use while it catches up with a backlog.
+    purge_share: float = 0.1
     dns_timeout: float = 5.0
     dns_servers: tuple[str, ...] = ()  # empty: the system's (resolv.conf)
     max_in_flight: int = 512
@@ -167,6 +169,11 @@ class Settings:
             raise SettingsError("CARGOLINT_ENDPOINT_RATE", "must be greater than 0")
 
         retention = duration("CARGOLINT_RETENTION", d.retention)
+        purge_share = number("CARGOLINT_PURGE_SHARE", d.purge_share)
+        if not 0 < purge_share <= 1:
+            raise SettingsError(
+                "CARGOLINT_PURGE_SHARE", f"must be above 0 and at most 1, got {purge_share}"
+            )
 
         dns_timeout = number("CARGOLINT_DNS_TIMEOUT", d.dns_timeout)
         if dns_timeout <= 0:
@@ -210,6 +217,7 @@ class Settings:
             secret_keys=secret_keys,
             shutdown_grace=number("CARGOLINT_SHUTDOWN_GRACE", d.shutdown_grace),
             retention=retention,
+            purge_share=purge_share,
             disable_after=disable_after,
             max_in_flight=int(
                 number("CARGOLINT_MAX_IN_FLIGHT", d.max_in_flight, minimum=1, integer=True)

@@ -3,12 +3,12 @@
 A run takes the purge's advisory lock on a connection of its own, closed at the end of the run
 (another worker's run in progress: this one skips its turn), then removes finished deliveries
 older than the retention in batches of `BATCH` rows, pausing between batches so that the purge
-uses at most a tenth of one Postgres backend, for at most `RUN_BUDGET` seconds before it
-lets the lock go. A run that stopped with work left is followed by another at once; otherwise
-the next starts after `EVERY` seconds, so a delivery disappears well within a minute of passing
-the retention. Under the same lock, a run folds the changes recorded to the delivery lists'
-per-hour counts, and every `COUNT_EVERY` seconds counts the hours that settled
-(engine/store/delivery_counts.py).
+uses at most `CARGOLINT_PURGE_SHARE` of one Postgres backend (a tenth by default), for at most
+`RUN_BUDGET` seconds before it lets the lock go. A run that stopped with work left is followed
+by another at once; otherwise the next starts after `EVERY` seconds, so a delivery disappears
+well within a minute of passing the retention. Under the same lock, a run folds the changes
+recorded to the delivery lists' per-hour counts, and every `COUNT_EVERY` seconds counts the
+hours that settled (engine/store/delivery_counts.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from engine.store.retention import (
 from engine.worker.metrics import Metrics
 from engine.worker.retrying import TRANSIENT
 
-__all__ = ["Purger", "RunResult"]
+__all__ = ["Purger", "RunResult", "pause_after"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,15 @@ RUN_BUDGET = 10.0
 # How often a run also counts the hours that settled for long delivery lists (hours settle once
 # an hour; this also notices a webhook whose history grew long enough to be counted).
 COUNT_EVERY = 600.0
-# Pause after each batch for this many times as long as the batch took: the purge then uses
-# at most 1 / (1 + PAUSE_FACTOR) of a Postgres backend while it catches up with a backlog. At a
-# third (2.0) the benchmark's throughput fell to 0.65 of the run without a purge (2 cores); the
+# The default share (a tenth of a backend, `Settings.purge_share`) was chosen with the benchmark:
+# at a third the throughput scenario fell to 0.65 of the run without a purge (2 cores); the
 # steady state needs far less (a million deliveries a day is 12 a second).
-PAUSE_FACTOR = 9.0
+
+
+def pause_after(batch_seconds: float, share: float) -> float:
+    """How long to wait after a batch that took `batch_seconds` so that the purge keeps to
+    `share` of one backend: busy b of every b / share seconds."""
+    return batch_seconds * (1.0 / share - 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class Purger:
         budget: float = RUN_BUDGET,
     ) -> None:
         self._retention = timedelta(seconds=settings.retention)
+        self._share = settings.purge_share
         self._dsn = settings.database_url
         self._metrics = metrics
         self._batch = batch
@@ -111,7 +116,7 @@ class Purger:
                 more = batch.deliveries >= self._batch
                 if not more or time.perf_counter() - started >= self._budget:
                     break
-                await asyncio.sleep((time.perf_counter() - batch_started) * PAUSE_FACTOR)
+                await asyncio.sleep(pause_after(time.perf_counter() - batch_started, self._share))
             if time.monotonic() >= self._count_at:
                 counted = await count_hours(conn, datetime.now(UTC))
                 self._count_at = time.monotonic() + COUNT_EVERY

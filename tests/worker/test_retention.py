@@ -23,7 +23,7 @@ from engine.store.db import connect
 from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
 from engine.store.retention import PURGE_LOCK
 from engine.worker.metrics import Metrics
-from engine.worker.retention import Purger
+from engine.worker.retention import Purger, pause_after
 from tests.api.deliveries import add_delivery
 from tests.conftest import with_
 from tests.worker.conftest import StartWorker
@@ -331,3 +331,20 @@ def test_a_bad_retention_names_the_variable(raw: str) -> None:
 )
 def test_retention_durations(raw: str, seconds: float) -> None:
     assert Settings.from_env({"CARGOLINT_RETENTION": raw}).retention == seconds
+
+
+@pytest.mark.parametrize("raw", ["0", "-0.5", "1.5", "a tenth", "nan"])
+def test_a_bad_purge_share_names_the_variable(raw: str) -> None:
+    with pytest.raises(SettingsError, match="CARGOLINT_PURGE_SHARE"):
+        Settings.from_env({"CARGOLINT_PURGE_SHARE": raw})
+
+
+@pytest.mark.parametrize(
+    ("batch_seconds", "share", "pause"),
+    [(0.2, 0.1, 1.8), (0.2, 1.0, 0.0), (0.3, 0.5, 0.3), (0.0, 0.1, 0.0)],
+)
+def test_the_purge_pauses_to_keep_to_its_share(
+    batch_seconds: float, share: float, pause: float
+) -> None:
+    assert pause_after(batch_seconds, share) == pytest.approx(pause)
+    assert Settings.from_env({"CARGOLINT_PURGE_SHARE": str(share)}).purge_share == share
