@@ -2,7 +2,8 @@
 (`--only fleet fairness`).
 
 `fleet`: for 1, 2 and 3 worker processes, (a) deliveries/s and worker CPU per delivery over the
-receiver's `ok` endpoints, one account each, with no rate limit, and (b) a backlog at one
+receiver's `ok` endpoints, one account each, with no rate limit, after a warm-up (runs in the
+order 1, 2, 3, 3, 2, 1 workers, summed per count), and (b) a backlog at one
 endpoint limited to `RATE` requests a second (burst `RATE`): the worst 1-second window counted
 at the receiver ÷ the R x (1 + 1) allowed, and the most requests in flight there. Figures:
 `fleet_window_ratio` (3 workers, target ≤ 1.10) and `fleet_cpu_ratio` (CPU per delivery, 3
@@ -22,6 +23,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -37,6 +39,7 @@ __all__ = ["fairness", "fleet"]
 WORKERS = (1, 2, 3)
 RATE = 100  # requests a second at the rate-limited endpoint, and its burst
 CONCURRENCY = 5
+IDLE_SECONDS = 3.0  # a fleet's fixed cost: each worker's CPU with nothing to deliver
 SLOW = 0.2  # seconds the fairness scenario's busy endpoint takes to answer
 _STAMP = b'"fileName":"t='
 
@@ -131,35 +134,66 @@ def worst_window(arrivals: list[float], rate: float, seconds: float = 1.0) -> fl
     return most / (rate * (seconds + 1))
 
 
-async def _unlimited(b: Bench, count: int) -> tuple[float, float]:
-    """Deliveries/s and worker CPU µs per delivery over the `ok` endpoints, one account each."""
-    events = max(1000, b.sizes.throughput_events // 2)
+@dataclass
+class _Unlimited:
+    """What the unlimited runs of one worker count added up to."""
+
+    delivered: int = 0
+    seconds: float = 0.0
+    cpu: float = 0.0
+    idle_share: float = 0.0
+
+
+async def _unlimited(b: Bench, count: int, run: int, into: _Unlimited) -> None:
+    """Deliveries and worker CPU over the `ok` endpoints, one account each, added to `into`.
+
+    A warm-up batch first, not measured: each worker opens its connections (a TLS handshake
+    costs ≈ 1.5 ms of worker CPU here, and each worker opens its own), loads its caches and
+    takes its leases, so the figure is the steady cost per delivery, not start-up spread over
+    a short run. Then the workers' CPU with nothing to do, a fleet's fixed cost."""
+    events = b.sizes.throughput_events
     endpoints = len(b.receiver.ports["ok"])
+    name = f"fl{count}x{run}"
     hooks = [
-        Webhook(webhook_id(f"fl{count}x", i), f"acct_fl{count}x{i}", b.receiver.url("ok", i))
+        Webhook(webhook_id(name, i), f"acct_{name}_{i}", b.receiver.url("ok", i))
         for i in range(endpoints)
     ]
+    ids = [h.id for h in hooks]
     await insert_webhooks(b.pool, hooks)
     await b.receiver.reset()
+    warm = max(endpoints, events // 10)
     async with _workers(b, "fleet", count, **FAST_LIMITS) as workers:
+        await b.publisher.prefill(
+            [(f"evt_{name}w_{i}", hooks[i % endpoints].account_id) for i in range(warm)]
+        )
+        await _succeeded(b, ids, warm, time.perf_counter())
+        idle = _meter(workers)
+        await asyncio.sleep(IDLE_SECONDS)
+        into.idle_share = max(into.idle_share, idle.used()["worker"] / IDLE_SECONDS / count)
         meter = _meter(workers)
         started = time.perf_counter()
         await b.publisher.prefill(
-            [(f"evt_fl{count}x_{i}", hooks[i % endpoints].account_id) for i in range(events)]
+            [(f"evt_{name}_{i}", hooks[i % endpoints].account_id) for i in range(events)]
         )
-        seen = await counts(b.pool, [h.id for h in hooks])
-        while seen.succeeded < events and time.perf_counter() - started < b.sizes.wait:
-            await asyncio.sleep(0.05)
-            seen = await counts(b.pool, [h.id for h in hooks])
-        seconds = time.perf_counter() - started
-        cpu = meter.used()["worker"]
+        done = await _succeeded(b, ids, warm + events, started) - warm
+        into.seconds += time.perf_counter() - started
+        into.cpu += meter.used()["worker"]
+        into.delivered += done
     await b.after_worker()
     b.results.check(
-        f"fleet: {count} workers delivered every event",
-        seen.succeeded == events,
-        f"{seen.succeeded} of {events}",
+        f"fleet: {count} workers delivered every event (run {run + 1})",
+        done == events,
+        f"{done} of {events}",
     )
-    return seen.succeeded / seconds, cpu / max(1, seen.succeeded) * 1e6
+
+
+async def _succeeded(b: Bench, webhook_ids: list[str], want: int, started: float) -> int:
+    """Wait until `want` deliveries of these webhooks have succeeded (or the wait runs out)."""
+    seen = await counts(b.pool, webhook_ids)
+    while seen.succeeded < want and time.perf_counter() - started < b.sizes.wait:
+        await asyncio.sleep(0.05)
+        seen = await counts(b.pool, webhook_ids)
+    return seen.succeeded
 
 
 async def _limited(b: Bench, count: int) -> tuple[float, float, int]:
@@ -192,13 +226,19 @@ async def _limited(b: Bench, count: int) -> tuple[float, float, int]:
 
 
 async def fleet(b: Bench) -> None:
+    # The unlimited runs go 1, 2, 3, 3, 2, 1 workers: this machine's speed drifts within a
+    # minute, and a palindrome cancels a steady drift out of the ratio of 3 workers to 1.
+    unlimited = {count: _Unlimited() for count in WORKERS}
+    for run, count in enumerate([*WORKERS, *reversed(WORKERS)]):
+        await _unlimited(b, count, run, unlimited[count])
     rows: dict[str, dict[str, float]] = {}
     for count in WORKERS:
-        rps, cpu_us = await _unlimited(b, count)
         window, any_window, most = await _limited(b, count)
+        u = unlimited[count]
         rows[str(count)] = {
-            "deliveries_per_s": round(rps, 1),
-            "worker_cpu_us_per_delivery": round(cpu_us, 1),
+            "deliveries_per_s": round(u.delivered / max(u.seconds, 1e-6), 1),
+            "worker_cpu_us_per_delivery": round(u.cpu / max(1, u.delivered) * 1e6, 1),
+            "idle_cpu_share_per_worker": round(u.idle_share, 4),
             "worst_1s_window_ratio": round(window, 3),
             "worst_window_ratio": round(any_window, 3),
             "most_in_flight": most,
