@@ -226,6 +226,7 @@ async def test_endless_trailer_fields_fail_the_attempt_and_are_read_no_further(
     await trailer_case(serve, quick, b"", FIELDS)
 
 
+@pytest.mark.slow  # a second pytest process: ≈ 4 s
 @pytest.mark.skipif(PURE_PYTHON, reason="this is the parent run")
 def test_the_trailer_limits_hold_on_the_pure_python_parser_too() -> None:
     env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"}
@@ -376,6 +377,7 @@ async def slow_sender(ca_file: Path) -> AsyncIterator[Sender]:
         yield sender
 
 
+@pytest.mark.slow  # the attack lasts its whole 3 s timeout
 async def test_other_endpoints_are_served_while_a_hostile_one_is(
     serve: Serve, slow_sender: Sender
 ) -> None:
