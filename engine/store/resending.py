@@ -7,7 +7,10 @@ through the same path as any retry (per-endpoint limits, claims that survive `ki
 
 Each statement locks the webhook row (FOR SHARE) while it checks that the webhook is active:
 a concurrent deactivation either waits for the resend, then ends what it made pending, or
-goes first, and the resend finds the webhook inactive.
+goes first, and the resend finds the webhook inactive. The lock also holds the URL still while
+the delivery is given the endpoint of that URL: the one whose lease holder claims it and
+keeps that endpoint's limits (docs/contract.md §7), not the endpoint of the URL it had when
+it was made.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from engine.store.deliveries import RECORD_COLUMNS, Conn
 
 __all__ = ["Refusal", "Resent", "recover", "resend"]
 
-_ACTIVE_WEBHOOK = """SELECT id FROM webhooks
+_ACTIVE_WEBHOOK = """SELECT id, url FROM webhooks
                      WHERE id = $2 AND account_id = $3 AND mode = $4 AND deleted_at IS NULL
                        AND active
                      FOR SHARE"""
 
-# What a resend sets: pending, due now, claimed by nobody, a schedule that starts over.
-_FRESH = """status = 'pending', retry_base = d.attempts, claimed_by = NULL"""
+
+def _fresh(url: str) -> str:
+    """What a resend sets: pending, claimed by nobody, a schedule that starts over, and the
+    endpoint of the webhook's URL now (`url`: its column, read from the locked webhook row)."""
+    return f"""status = 'pending', retry_base = d.attempts, claimed_by = NULL,
+                endpoint = cargolint_endpoint({url})"""
 
 
 class Refusal(enum.Enum):
@@ -52,7 +59,7 @@ async def resend(
     """Resend one ended delivery of the key's own webhook, or say why not."""
     row = await conn.fetchrow(
         f"""WITH w AS ({_ACTIVE_WEBHOOK})
-            UPDATE deliveries d SET {_FRESH}, next_attempt_at = now()
+            UPDATE deliveries d SET {_fresh("w.url")}, next_attempt_at = now()
             FROM w
             WHERE d.id = $1 AND d.webhook_id = w.id
               AND d.status IN ('succeeded', 'failed') AND NOT d.is_test
@@ -106,12 +113,12 @@ async def recover(
     row = await conn.fetchrow(
         f"""WITH w AS ({_ACTIVE_WEBHOOK}),
             picked AS (
-                SELECT d.id, row_number() OVER (ORDER BY d.created_at, d.id) - 1 AS n
+                SELECT d.id, w.url, row_number() OVER (ORDER BY d.created_at, d.id) - 1 AS n
                 FROM deliveries d JOIN w ON d.webhook_id = w.id
                 WHERE d.status = 'failed' AND NOT d.is_test
                   AND d.created_at >= $1 AND d.created_at < coalesce($5, now())),
             resent AS (
-                UPDATE deliveries d SET {_FRESH},
+                UPDATE deliveries d SET {_fresh("picked.url")},
                     next_attempt_at = now() + make_interval(
                         secs => greatest(picked.n + 1 - $6::float8, 0) / $6::float8)
                 FROM picked

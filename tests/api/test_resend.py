@@ -13,6 +13,7 @@ import pytest
 
 from engine.settings import Settings
 from engine.store import resending
+from engine.store.endpoints import unowned_with_due_work
 from tests.api.conftest import Account, Client, MakeAccount, start_api
 from tests.api.deliveries import add_delivery
 from tests.api.test_test_delivery import DELIVERY_KEYS
@@ -168,6 +169,46 @@ async def test_the_body_is_empty_or_an_empty_object(
     if code is not None:
         assert_error(body, code, field)
         assert (await _row(pool, dlv))["status"] == "failed"
+
+
+async def test_resent_and_recovered_deliveries_are_leased_under_the_webhooks_current_endpoint(
+    client: Client, account: Account, pool: asyncpg.Pool[Any]
+) -> None:
+    # Per-endpoint limits (docs/contract.md §7) are kept by the holder of the lease of the
+    # endpoint a pending delivery names: after the URL moved, that must be the new endpoint.
+    created = await client.create(HOOK)
+    path = f"/api/v1/webhooks/{created['id']}"
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    resent, recovered = [
+        await add_delivery(
+            pool, created["id"], account.id, status="failed", attempts=8, created_at=start + n
+        )
+        for n in (timedelta(0), timedelta(minutes=1))
+    ]
+    # As the worker wrote them: under the endpoint of the URL at the time.
+    await pool.execute(
+        "UPDATE deliveries SET endpoint = 'https://example.com:443' WHERE id = ANY($1::text[])",
+        [resent, recovered],
+    )
+    status, body, _ = await client.call("PUT", path, json={"url": "https://example.com:8443/a"})
+    assert status == 200, body
+
+    status, body, _ = await client.call("POST", f"{path}/deliveries/{resent}/retry")
+    assert status == 202, body
+    status, body, _ = await client.call(
+        "POST", f"{path}/recover", json={"since": "2026-11-01T00:01:00Z"}
+    )
+    assert (status, body) == (202, {"recovered": 1})
+
+    rows = await pool.fetch(
+        "SELECT id, status, endpoint FROM deliveries WHERE id = ANY($1::text[])",
+        [resent, recovered],
+    )
+    assert {(r["status"], r["endpoint"]) for r in rows} == {("pending", "https://example.com:8443")}
+    # The poller finds the new endpoint without a holder, and not the old one.
+    unowned = await unowned_with_due_work(pool, lease=5.0, limit=10_000)
+    assert "https://example.com:8443" in unowned
+    assert "https://example.com:443" not in unowned
 
 
 # Recover.
