@@ -89,9 +89,19 @@ _INSERT_EVENTS = """INSERT INTO events (account_id, id, mode, type, "timestamp",
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
     ON CONFLICT DO NOTHING"""
 
+# With deliveries, an event already there is locked (ON CONFLICT DO UPDATE locks the row it
+# finds even when its WHERE updates nothing) until the deliveries are committed: the retention
+# purge locks an event before it looks for deliveries still needing it and removes it, so it
+# either waits and sees the new deliveries, or removes the event first and this inserts it
+# anew. Only a republished event pays the lock; its rows arrive sorted (`_events`), in the
+# order the purge locks them too.
+_INSERT_EVENTS_LOCKING = """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
+    ON CONFLICT (account_id, id) DO UPDATE SET type = events.type WHERE false"""
+
 # One statement, so one round trip and no BEGIN/COMMIT: the events go in through a
 # data-modifying CTE, and a refused event refuses its deliveries with it (all or nothing).
-_INSERT_EVENTS_AND_DELIVERIES = f"""WITH ev AS ({_INSERT_EVENTS})
+_INSERT_EVENTS_AND_DELIVERIES = f"""WITH ev AS ({_INSERT_EVENTS_LOCKING})
     INSERT INTO deliveries (id, webhook_id, account_id, event_id, event_type, is_test,
                             next_attempt_at, claimed_by, endpoint)
     SELECT d.id, d.webhook_id, d.account_id, d.event_id, d.event_type, d.is_test,
@@ -121,6 +131,7 @@ async def insert_events_and_deliveries(
     Existing rows are left alone, so a redelivered message creates nothing twice. Being one
     statement, it commits all or nothing without a transaction around it.
     """
+    events = _events(events)
     event_columns = (
         [e.account_id for e in events],
         [e.id for e in events],
@@ -148,6 +159,16 @@ async def insert_events_and_deliveries(
         [d.claimed for d in deliveries],
     )
     return {r["id"] for r in rows}
+
+
+def _events(events: Sequence[Event]) -> list[Event]:
+    """Each event once (a row may be locked only once per statement), sorted by key: the
+    order of code points, which is the purge's `COLLATE "C"` order of the UTF-8 keys."""
+    return sorted({(e.account_id, e.id): e for e in events}.values(), key=_key)
+
+
+def _key(event: Event) -> tuple[str, str]:
+    return (event.account_id, event.id)
 
 
 async def record_attempts(conn: Conn, records: Sequence[AttemptRecord]) -> None:

@@ -6,7 +6,10 @@ batches, each its own short transaction: the oldest finished deliveries first, r
 `deliveries_finished` index (migration 0014). Pending deliveries are never removed, however old.
 
 Events are keyed (account, event id) and shared by the deliveries of several webhooks; the row is
-also what makes a republished event a no-op. An event goes with the last delivery that needs it.
+also what makes a republished event a no-op. An event goes with the last delivery that needs it:
+a batch locks its events before it looks for deliveries still needing them, and the ingest of a
+republished event locks the event it finds, so a delivery made meanwhile is either seen here or
+finds the event gone and inserts it anew (docs/retention.md).
 Its other deliveries, if any, have ids derived from (webhook, account, event) for a webhook of
 the account (webhooks are deleted softly, so every one that ever had a delivery is still there):
 they are looked up by primary key, with no index by event on the hot tables.
@@ -66,15 +69,27 @@ _FINISHED = "(status IN ('succeeded', 'failed')) IS TRUE"
 # FOR UPDATE: a resend that makes one of them pending again waits for this batch (and then
 # finds nothing), or, done first, takes the row out of the batch (re-checked after the wait).
 # SKIP LOCKED: rows being written to now are left for the next batch.
-_DELETE_DELIVERIES = f"""
-    WITH doomed AS (
-        SELECT id FROM deliveries
-        WHERE {_FINISHED} AND {_UTC} < ($1::timestamptz AT TIME ZONE 'UTC')
-        ORDER BY {_UTC}
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED)
-    DELETE FROM deliveries d USING doomed
-    WHERE d.id = doomed.id AND d.status IN ('succeeded', 'failed')
+_PICK_DELIVERIES = f"""
+    SELECT id, account_id, event_id FROM deliveries
+    WHERE {_FINISHED} AND {_UTC} < ($1::timestamptz AT TIME ZONE 'UTC')
+    ORDER BY {_UTC}
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED"""
+
+# Before anything is removed: an ingest that found one of these events (and locked it, see
+# engine/store/deliveries.py) commits its deliveries first, so the look-up for deliveries still
+# needing the event sees them; a later one waits for this batch, and finding the event gone
+# inserts it anew. Locked in the order the ingest locks events, so the two never deadlock.
+_LOCK_EVENTS = """
+    SELECT 1 FROM events e
+    JOIN unnest($1::text[], $2::text[]) AS k(account_id, id)
+        ON e.account_id = k.account_id AND e.id = k.id
+    ORDER BY e.account_id COLLATE "C", e.id COLLATE "C"
+    FOR UPDATE OF e"""
+
+_DELETE_DELIVERIES = """
+    DELETE FROM deliveries d
+    WHERE d.id = ANY($1::text[]) AND d.status IN ('succeeded', 'failed')
     RETURNING d.id, d.account_id, d.event_id, d.webhook_id, d.created_at, d.status, d.event_type"""
 
 
@@ -82,7 +97,12 @@ async def purge_batch(conn: asyncpg.Connection[Any], cutoff: datetime, limit: in
     """Remove up to `limit` finished deliveries created before `cutoff`, their attempts, and the
     events none of the deliveries left needs, in one transaction."""
     async with conn.transaction():
-        rows = await conn.fetch(_DELETE_DELIVERIES, cutoff, limit)
+        picked = await conn.fetch(_PICK_DELIVERIES, cutoff, limit)
+        if not picked:
+            return Removed()
+        keys = sorted({(r["account_id"], r["event_id"]) for r in picked})
+        await conn.execute(_LOCK_EVENTS, [k[0] for k in keys], [k[1] for k in keys])
+        rows = await conn.fetch(_DELETE_DELIVERIES, [r["id"] for r in picked])
         if not rows:
             return Removed()
         ids = [r["id"] for r in rows]
@@ -93,9 +113,9 @@ async def purge_batch(conn: asyncpg.Connection[Any], cutoff: datetime, limit: in
         attempts = await conn.execute(
             "DELETE FROM delivery_attempts WHERE delivery_id = ANY($1::text[])", ids
         )
-        keys = {(r["account_id"], r["event_id"]) for r in rows}
-        needed = await _still_needed(conn, keys)
-        unneeded = sorted(keys - needed)
+        gone = {(r["account_id"], r["event_id"]) for r in rows}
+        needed = await _still_needed(conn, gone)
+        unneeded = sorted(gone - needed)
         events = await conn.execute(
             """DELETE FROM events e
                USING unnest($1::text[], $2::text[]) AS k(account_id, id)

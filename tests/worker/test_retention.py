@@ -21,7 +21,7 @@ from engine.core.ids import delivery_id, new_id
 from engine.settings import Settings, SettingsError
 from engine.store.db import connect
 from engine.store.deliveries import NewDelivery, insert_events_and_deliveries
-from engine.store.retention import PURGE_LOCK
+from engine.store.retention import PURGE_LOCK, purge_batch
 from engine.worker.metrics import Metrics
 from engine.worker.retention import Purger, pause_after
 from tests.api.deliveries import add_delivery
@@ -294,6 +294,123 @@ async def test_two_purgers_racing_remove_each_row_once(
     assert held.removed.deliveries == 40
     assert held.removed.attempts == 40
     assert await _present(pool, old) == set()
+
+
+async def _waiting_on_a_lock(pool: asyncpg.Pool[Any], conn: asyncpg.Connection[Any]) -> bool:
+    """Whether `conn`'s statement is waiting for a lock another transaction holds."""
+    waiting: bool = await pool.fetchval(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+        conn.get_server_pid(),
+    )
+    return waiting
+
+
+async def _until_waiting_or_done(
+    pool: asyncpg.Pool[Any], conn: asyncpg.Connection[Any], task: asyncio.Task[Any]
+) -> None:
+    while not task.done() and not await _waiting_on_a_lock(pool, conn):
+        await asyncio.sleep(0.01)
+
+
+async def _old_delivered_event(
+    pool: asyncpg.Pool[Any], account: str, hook: str
+) -> tuple[Event, str]:
+    """An event delivered to `hook` and finished past the retention; the event and delivery."""
+    event_id, (dlv,) = await _shared_event(pool, account, [hook])
+    await pool.execute(
+        """UPDATE deliveries SET status = 'succeeded', next_attempt_at = NULL,
+                  created_at = now() - interval '31 days'
+           WHERE id = $1""",
+        dlv,
+    )
+    await _attempt(pool, dlv)
+    row = await pool.fetchrow(
+        "SELECT * FROM events WHERE account_id = $1 AND id = $2", account, event_id
+    )
+    assert row is not None
+    event = Event(
+        id=event_id,
+        type=row["type"],
+        account_id=account,
+        mode=row["mode"],
+        timestamp=row["timestamp"],
+        data=bytes(row["data"]),
+    )
+    return event, dlv
+
+
+async def test_a_delivery_made_while_the_purge_removes_its_events_last_one_keeps_the_event(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    # The event is republished and now matches a webhook made since: its new delivery is
+    # written (not yet committed) while a purge removes the event's only other delivery. The
+    # purge must not remove the event the new delivery carries: without it, it is never sent.
+    account = await make_account(pool)
+    first, _ = await make_webhook(pool, settings, account, URL)
+    event, old = await _old_delivered_event(pool, account, first)
+    later, _ = await make_webhook(pool, settings, account, URL)
+    new = delivery_id(later, account, event.id)
+    ingest, purge = await connect(settings.database_url), await connect(settings.database_url)
+    try:
+        async with ingest.transaction():
+            made = await insert_events_and_deliveries(
+                ingest, [event], [NewDelivery(new, later, event)], claimed_by=None
+            )
+            assert made == {new}
+            purging = asyncio.create_task(purge_batch(purge, _ago(RETENTION), 1000))
+            # The purge either ends or waits for the ingest to commit.
+            await _until_waiting_or_done(pool, purge, purging)
+        removed = await purging
+    finally:
+        await ingest.close()
+        await purge.close()
+
+    assert removed.deliveries == 1
+    assert await _present(pool, [old, new]) == {new}
+    assert await _event_exists(pool, account, event.id)
+
+
+async def test_an_event_republished_while_the_purge_removes_its_delivery_is_delivered_again(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    # The other order, for the same webhook: the purge has removed the delivery (not yet
+    # committed) when the republished event's ingest, which makes the same delivery id, comes.
+    # It waits for the purge, and then makes the delivery and the event anew.
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    event, dlv = await _old_delivered_event(pool, account, hook)
+    blocker = await connect(settings.database_url)
+    ingest, purge = await connect(settings.database_url), await connect(settings.database_url)
+    try:
+        async with blocker.transaction():
+            # Holds the purge inside its batch: its DELETE of the attempts waits for this lock.
+            await blocker.execute(
+                "SELECT 1 FROM delivery_attempts WHERE delivery_id = $1 FOR UPDATE", dlv
+            )
+            purging = asyncio.create_task(purge_batch(purge, _ago(RETENTION), 1000))
+            await _until_waiting_or_done(pool, purge, purging)
+            assert not purging.done()
+            inserting = asyncio.create_task(
+                insert_events_and_deliveries(
+                    ingest, [event], [NewDelivery(dlv, hook, event)], claimed_by=None
+                )
+            )
+            await _until_waiting_or_done(pool, ingest, inserting)
+            assert not inserting.done()
+        removed = await purging
+        made = await inserting
+    finally:
+        await blocker.close()
+        await ingest.close()
+        await purge.close()
+
+    assert removed.deliveries == 1
+    assert removed.events == 1
+    assert made == {dlv}
+    row = await pool.fetchrow("SELECT status, attempts FROM deliveries WHERE id = $1", dlv)
+    assert row is not None
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert await _event_exists(pool, account, event.id)
 
 
 @pytest.mark.slow
