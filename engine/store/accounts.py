@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
-
-import asyncpg
 
 from engine.core.crypto import hash_api_key, key_matches, new_api_key
 from engine.core.ids import new_id
+from engine.store.db import Conn, TxConn
 
 __all__ = [
     "KEY_PREFIXES",
@@ -27,10 +25,6 @@ __all__ = [
     "open_account",
     "revoke_key",
 ]
-
-Conn: TypeAlias = (
-    "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]"
-)
 
 KEY_PREFIXES = ("sk_test_", "sk_live_")
 # Enough of the key to tell keys apart in a listing, far too little to guess the rest.
@@ -82,7 +76,7 @@ async def _insert_key(conn: Conn, account_id: str, mode: str) -> IssuedKey:
 
 
 async def open_account(
-    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    conn: TxConn,
     *,
     name: str,
     plan: str,
@@ -98,7 +92,7 @@ async def open_account(
 
 
 async def create_account(
-    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    conn: TxConn,
     *,
     name: str,
     plan: str,

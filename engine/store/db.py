@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import orjson
 
-__all__ = ["NOTIFY_CHANNEL", "connect", "create_pool"]
+__all__ = ["NOTIFY_CHANNEL", "Conn", "TxConn", "connect", "create_pool"]
+
+# Strings: asyncpg's classes are generic only to the type checker.
+# One connection, its own or the pool's: what a transaction is opened on.
+TxConn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+# What a single statement runs on: one connection, or the pool (which lends one for it).
+Conn: TypeAlias = "TxConn | asyncpg.Pool[Any]"
 
 # Every change to a webhook is announced here; the payload is the webhook id.
 NOTIFY_CHANNEL = "cargolint_webhooks"

@@ -5,20 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import orjson
 
 from engine.core.events import Event
 from engine.core.times import rfc3339
+from engine.store.db import Conn
 from engine.store.delivery_counts import page_start
 
+# Conn is in __all__ for engine.store.resending, which imports it from here.
 __all__ = [
     "EXACT_TOTAL",
     "RECORD_COLUMNS",
     "STILL_PENDING",
     "AttemptRecord",
+    "Conn",
     "DeliveryFilter",
     "NewDelivery",
     "delivery_json",
@@ -27,11 +30,6 @@ __all__ = [
     "list_deliveries",
     "record_attempts",
 ]
-
-# A string: asyncpg's classes are generic only to the type checker.
-Conn: TypeAlias = (
-    "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]"
-)
 
 # A delivery found by id is still pending: written so that Postgres finds the rows by their
 # primary key. Spelt `d.status = 'pending'`, it matches the pending-only indexes' predicate,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.core.payload import build_body
-from engine.store.deliveries import RECORD_COLUMNS, Conn
+from engine.store.db import Conn
+from engine.store.deliveries import RECORD_COLUMNS
 
 __all__ = ["DeliveryDetail", "get_delivery_detail"]
 

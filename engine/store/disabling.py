@@ -16,8 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from engine.store.db import NOTIFY_CHANNEL
-from engine.store.deliveries import Conn
+from engine.store.db import NOTIFY_CHANNEL, Conn
 
 __all__ = [
     "DISABLED",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.store.deliveries import Conn
+from engine.store.db import Conn
 
 __all__ = [
     "QUIET_FOR",

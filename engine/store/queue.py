@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from engine.core.events import Event
-from engine.store.deliveries import STILL_PENDING, Conn
+from engine.store.db import Conn
+from engine.store.deliveries import STILL_PENDING
 
 __all__ = [
     "ClaimedDelivery",

@@ -15,17 +15,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 
 from engine.core.crypto import SecretBox, new_webhook_secret
 from engine.core.ids import new_id
 from engine.core.times import rfc3339
-from engine.store.db import NOTIFY_CHANNEL
+from engine.store.db import NOTIFY_CHANNEL, Conn, TxConn
 
+# Conn is in __all__ for the API, which names it as this module's.
 __all__ = [
     "UPDATABLE",
+    "Conn",
     "WebhookLimitError",
     "WebhookTarget",
     "create_webhook",
@@ -39,8 +41,6 @@ __all__ = [
     "webhook_json",
 ]
 
-
-Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
 
 UPDATABLE = ("url", "events", "active", "description")
 # The previous secret's expiry is shown only while it still signs (by the database's clock).
@@ -130,11 +130,11 @@ def webhook_json(row: asyncpg.Record, *, secret: str | None = None) -> dict[str,
     return body
 
 
-async def _notify(conn: Conn, webhook_id: str) -> None:
+async def _notify(conn: TxConn, webhook_id: str) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, webhook_id)
 
 
-async def _end_pending(conn: Conn, webhook_id: str, reason: str) -> None:
+async def _end_pending(conn: TxConn, webhook_id: str, reason: str) -> None:
     await conn.execute(
         """UPDATE deliveries SET status = 'failed', error = $2, next_attempt_at = NULL,
                                  claimed_by = NULL
@@ -145,7 +145,7 @@ async def _end_pending(conn: Conn, webhook_id: str, reason: str) -> None:
 
 
 async def create_webhook(
-    conn: Conn,
+    conn: TxConn,
     *,
     account_id: str,
     mode: str,
@@ -207,7 +207,7 @@ async def get_webhook(
 
 
 async def list_webhooks(
-    conn: Conn, *, account_id: str, mode: str, offset: int, limit: int
+    conn: TxConn, *, account_id: str, mode: str, offset: int, limit: int
 ) -> tuple[list[asyncpg.Record], int]:
     """A page of the account's webhooks in this mode, newest first, and their total."""
     rows: list[asyncpg.Record] = await conn.fetch(
@@ -229,7 +229,7 @@ async def list_webhooks(
 
 
 async def update_webhook(
-    conn: Conn, *, account_id: str, mode: str, webhook_id: str, changes: Mapping[str, Any]
+    conn: TxConn, *, account_id: str, mode: str, webhook_id: str, changes: Mapping[str, Any]
 ) -> asyncpg.Record | None:
     """Apply `changes` (a subset of UPDATABLE) and return the updated row, or None if not found.
 
@@ -271,7 +271,7 @@ async def update_webhook(
     return row
 
 
-async def delete_webhook(conn: Conn, *, account_id: str, mode: str, webhook_id: str) -> bool:
+async def delete_webhook(conn: TxConn, *, account_id: str, mode: str, webhook_id: str) -> bool:
     """Soft-delete the webhook and end its pending deliveries; False if not found."""
     async with conn.transaction():
         deleted = await conn.fetchval(
@@ -290,7 +290,7 @@ async def delete_webhook(conn: Conn, *, account_id: str, mode: str, webhook_id: 
 
 
 async def rotate_secret(
-    conn: Conn,
+    conn: TxConn,
     *,
     account_id: str,
     mode: str,
@@ -343,7 +343,7 @@ def _target(row: asyncpg.Record, box: SecretBox) -> WebhookTarget:
     )
 
 
-async def load_active(conn: Conn | asyncpg.Pool[Any], box: SecretBox) -> list[WebhookTarget]:
+async def load_active(conn: Conn, box: SecretBox) -> list[WebhookTarget]:
     """Every active, undeleted webhook; secrets stay sealed until used (`WebhookTarget`)."""
     rows = await conn.fetch(
         f"SELECT {_TARGET_COLUMNS} FROM webhooks WHERE active AND deleted_at IS NULL"
@@ -351,9 +351,7 @@ async def load_active(conn: Conn | asyncpg.Pool[Any], box: SecretBox) -> list[We
     return [_target(row, box) for row in rows]
 
 
-async def load_one(
-    conn: Conn | asyncpg.Pool[Any], webhook_id: str, box: SecretBox
-) -> WebhookTarget | None:
+async def load_one(conn: Conn, webhook_id: str, box: SecretBox) -> WebhookTarget | None:
     """One webhook, active or not (see `active`), or None if it does not exist or is deleted."""
     row = await conn.fetchrow(
         f"SELECT {_TARGET_COLUMNS} FROM webhooks WHERE id = $1 AND deleted_at IS NULL",

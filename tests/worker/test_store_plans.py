@@ -20,7 +20,8 @@ import orjson
 import pytest
 from asyncpg.pool import PoolConnectionProxy
 
-from engine.store.deliveries import AttemptRecord, Conn, record_attempts
+from engine.store.db import Conn
+from engine.store.deliveries import AttemptRecord, record_attempts
 from engine.store.queue import (
     end_deliveries,
     own_stale,
