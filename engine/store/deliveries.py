@@ -48,7 +48,7 @@ RECORD_COLUMNS = """id, webhook_id, event_id, event_type, status, attempts, resp
 class NewDelivery:
     """A delivery to create: the (event, webhook) pair and its deterministic id.
 
-    `endpoint` is its webhook's endpoint (`engine.worker.dispatcher.endpoint_key`). `claimed`:
+    `endpoint` is its webhook's endpoint (`engine.worker.admission.endpoint_key`). `claimed`:
     the inserting worker claims it (it sends to that endpoint and has room); if not, it is
     created unclaimed for the endpoint's lease holder. `park_for` > 0: created unclaimed,
     first due that many seconds from now (a failing endpoint's backlog beyond what its worker

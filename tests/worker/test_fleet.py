@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from engine.settings import Settings
-from engine.worker.dispatcher import endpoint_key
+from engine.worker.admission import endpoint_key
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,
@@ -159,7 +159,7 @@ async def test_a_deep_backlog_at_a_slow_endpoint_delays_no_other_tenant(
     light_account, _, _ = await subscribed(worker, pool, wsettings, idle.url)
 
     # More than the worker holds in memory, all for the slow endpoint.
-    backlog = worker.dispatcher.capacity + 2000
+    backlog = worker.dispatcher.holds.capacity + 2000
     try:
         await publisher.publish_many(make_event(busy_account) for _ in range(backlog))
         made = "SELECT count(*) FROM deliveries WHERE webhook_id = $1"

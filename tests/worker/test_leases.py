@@ -20,7 +20,7 @@ from engine.store.endpoints import (
     unowned_with_due_work,
 )
 from engine.store.queue import heartbeat, release_worker
-from engine.worker.dispatcher import endpoint_key
+from engine.worker.admission import endpoint_key
 from engine.worker.leases import Leases
 from tests.worker.helpers import insert_pending
 

@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet
 
 from engine.delivery import Outcome, Sender
 from engine.settings import Settings
-from engine.worker.dispatcher import INTERNAL
+from engine.worker.attempt import INTERNAL
 from engine.worker.main import Worker
 from tests.conftest import with_
 from tests.receiver import Receiver

@@ -19,7 +19,7 @@ from aiohttp import web
 from engine.core.breaker import FAILING_RATE, MIN_PARK, TRIP
 from engine.settings import Settings
 from engine.worker import consumer
-from engine.worker.dispatcher import endpoint_key
+from engine.worker.admission import endpoint_key
 from engine.worker.main import Worker
 from tests.receiver import Receiver
 from tests.worker.helpers import (
@@ -167,7 +167,7 @@ async def _parking(
     wsettings: Settings,
 ) -> Parking:
     worker = await start_worker(retry_schedule=SCHEDULE)
-    worker.dispatcher.hold_each = 5
+    worker.dispatcher.holds.each = 5
     worker.dispatcher.behind = lambda: True  # so the failing endpoint's queue stays full
     switch = Switch()
     receiver.handler = switch
@@ -231,7 +231,7 @@ async def test_a_full_failing_endpoints_new_deliveries_are_created_parked(
 ) -> None:
     p = await _parking(start_worker, publisher, receiver, pool, wsettings)
     # Its share is full (less one, should a paced attempt have just started).
-    assert p.worker.dispatcher.queued >= p.worker.dispatcher.hold_each - 1
+    assert p.worker.dispatcher.queued >= p.worker.dispatcher.holds.each - 1
     parked_before = _sample(p.worker, "deliveries_parked_total")
     async with _updates_of(pool, p.webhook_id) as updated:
         published_at = datetime.now(UTC)

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from engine.settings import Settings
 from engine.worker import main
+from engine.worker.admission import Endpoint
 from engine.worker.consumer import _settle
 from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker
@@ -131,24 +132,24 @@ async def test_a_bug_starting_an_endpoints_attempts_is_retried_and_strands_nothi
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     worker = await start_worker()
     account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    dispatcher = worker.dispatcher
-    real_cap = dispatcher._cap
+    real_cap = Endpoint.cap
     events = [make_event(account) for _ in range(5)]
     last = dlv(webhook_id, account, events[-1])
     failures: list[str] = []
 
-    def cap_failing_once(ep: Any) -> int:
+    def cap_failing_once(ep: Endpoint, running: int, max_in_flight: int, concurrency: int) -> int:
         # A bug where attempts are started, once, when the last job is queued: no job comes
         # after it.
         if not failures and any(job.delivery_id == last for job in ep.queue):
             failures.append(ep.key)
             raise RuntimeError("a bug")
-        return real_cap(ep)
+        return real_cap(ep, running, max_in_flight, concurrency)
 
-    dispatcher._cap = cap_failing_once  # type: ignore[method-assign]
+    monkeypatch.setattr(Endpoint, "cap", cap_failing_once)
     await publisher.publish_many(events)
     # Nothing else comes for that endpoint: only the restart can take the queued jobs on.
     rows = await wait_final(pool, [dlv(webhook_id, account, e) for e in events], timeout=15)

@@ -2,7 +2,7 @@
 -- host + port) is sent to by one worker at a time, the holder of its lease, and each pending
 -- delivery names its endpoint so that worker claims exactly that endpoint's due deliveries.
 
--- The endpoint of a URL, as engine.worker.dispatcher.endpoint_key computes it (for the rows
+-- The endpoint of a URL, as engine.worker.admission.endpoint_key computes it (for the rows
 -- written before this column existed, and any written without it).
 CREATE FUNCTION cargolint_endpoint(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
