@@ -25,7 +25,7 @@ from engine.settings import Settings
 from engine.store.db import create_pool
 from engine.store.queue import release_worker
 from engine.worker.cache import SubscriptionCache
-from engine.worker.consumer import Consumer, QueueConflictError
+from engine.worker.consumer import Consumer
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.health import HealthServer
 from engine.worker.leases import Leases
@@ -34,6 +34,7 @@ from engine.worker.poller import Poller
 from engine.worker.recorder import Recorder
 from engine.worker.retention import Purger
 from engine.worker.retrying import TRANSIENT, retry_transient
+from engine.worker.topology import QueueConflictError
 
 __all__ = ["Worker", "run"]
 

@@ -18,7 +18,7 @@ from engine.core.crypto import SecretBox
 from engine.core.ids import delivery_id, new_id, random_token
 from engine.settings import Settings
 from engine.store.webhooks import create_webhook, delete_webhook, update_webhook
-from engine.worker.consumer import EXCHANGE, declare_topology
+from engine.worker.topology import EXCHANGE, declare_topology
 
 ALL_TYPES = ("document.uploaded", "compliance.warning", "document.batch_downloaded")
 

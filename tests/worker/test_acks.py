@@ -11,8 +11,9 @@ import asyncpg
 import pytest
 
 from engine.settings import Settings
-from engine.worker.consumer import ACK_DELAY, QUEUE
 from engine.worker.main import Worker
+from engine.worker.settling import ACK_DELAY
+from engine.worker.topology import QUEUE
 from tests.receiver import Receiver
 from tests.worker.helpers import (
     Publisher,

@@ -13,8 +13,9 @@ import pytest
 
 from engine.core.ids import random_token
 from engine.settings import Settings
-from engine.worker.consumer import DEAD_QUEUE, REASON_HEADER, STORE_REJECTED
+from engine.worker.dead_letters import REASON_HEADER, STORE_REJECTED
 from engine.worker.main import Worker
+from engine.worker.topology import DEAD_QUEUE
 from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker
 from tests.worker.helpers import (
@@ -160,7 +161,7 @@ async def test_events_postgres_refuses_are_dead_lettered_and_their_batch_flows(
                 await publisher.publish(
                     orjson.dumps(poison), "document.uploaded", message_id=poison["id"]
                 )
-        caplog.set_level(logging.WARNING, "engine.worker.consumer")
+        caplog.set_level(logging.WARNING, "engine.worker.intake")
         worker = await start_worker()
 
         await receiver.wait_for(len(good))

@@ -21,8 +21,8 @@ import pytest
 from engine.core.ids import random_token
 from engine.settings import Settings
 from engine.worker import main
-from engine.worker.consumer import DEAD_QUEUE, QUEUE, REASON_HEADER, QueueConflictError
-from engine.worker.topology import EXCHANGE
+from engine.worker.dead_letters import REASON_HEADER
+from engine.worker.topology import DEAD_QUEUE, EXCHANGE, QUEUE, QueueConflictError
 from tests.conftest import fresh_vhost, with_
 from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker

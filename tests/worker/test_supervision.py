@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from engine.settings import Settings
 from engine.worker import main
 from engine.worker.admission import Endpoint
-from engine.worker.consumer import _settle
+from engine.worker.settling import settle
 from tests.receiver import Receiver
 from tests.worker.conftest import StartWorker
 from tests.worker.helpers import (
@@ -46,11 +46,11 @@ async def _one_message(amqp_url: str) -> tuple[AbstractConnection, AbstractIncom
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:
-    await _settle(message, ack=True, multiple=True)
+    await settle(message, ack=True, multiple=True)
 
 
 async def _reject(message: AbstractIncomingMessage) -> None:
-    await _settle(message, ack=False)
+    await settle(message, ack=False)
 
 
 @pytest.mark.parametrize("settle", [_ack, _reject])
