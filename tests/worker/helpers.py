@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -262,3 +263,24 @@ async def subscribed(
     webhook_id, secret = await make_webhook(pool, settings, account, url)
     await cached(worker, webhook_id)
     return account, webhook_id, secret
+
+
+@dataclass(frozen=True, slots=True)
+class OneDelivery:
+    """A new account's webhook, the one event published for it, and its delivery's id."""
+
+    account: str
+    webhook_id: str
+    secret: str
+    event: dict[str, Any]
+    id: str
+
+
+async def publish_one(
+    worker: Any, pool: asyncpg.Pool[Any], settings: Any, publisher: Publisher, url: str
+) -> OneDelivery:
+    """A new account with one webhook on `url` (`subscribed`), and one event of it published."""
+    account, webhook_id, secret = await subscribed(worker, pool, settings, url)
+    event = make_event(account)
+    await publisher.publish(event)
+    return OneDelivery(account, webhook_id, secret, event, dlv(webhook_id, account, event))

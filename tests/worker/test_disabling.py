@@ -28,6 +28,7 @@ from tests.worker.helpers import (
     insert_pending,
     make_event,
     make_webhook,
+    publish_one,
     subscribed,
     wait_final,
 )
@@ -162,10 +163,8 @@ async def test_a_webhook_failing_for_disable_after_is_disabled_at_its_next_failu
         return web.Response(status=500 if failing else 200)
 
     receiver.handler = flaky
-    account, webhook_id, _ = await subscribed(worker, pool, worker.settings, receiver.url)
-    first = make_event(account)
-    await publisher.publish(first)
-    first_id = dlv(webhook_id, account, first)
+    one = await publish_one(worker, pool, worker.settings, publisher, receiver.url)
+    account, webhook_id, first_id = one.account, one.webhook_id, one.id
     row = (await wait_final(pool, [first_id]))[first_id]
     assert (row["status"], row["attempts"]) == ("succeeded", 4)
     await eventually(

@@ -25,6 +25,7 @@ from tests.worker.helpers import (
     make_account,
     make_event,
     make_webhook,
+    publish_one,
     subscribed,
     wait_final,
 )
@@ -259,8 +260,7 @@ async def test_a_stopping_worker_keeps_its_endpoints_until_its_attempts_end(
     gauge = Gauge(wsettings.worker_lease + 1.5)
     receiver.handler = gauge
     worker = await start_worker(delivery_timeout=10.0)
-    account, _, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    await publisher.publish(make_event(account))
+    await publish_one(worker, pool, wsettings, publisher, receiver.url)
     await eventually(lambda: gauge.in_flight == 1)
 
     stopping = asyncio.create_task(worker.stop(grace=wsettings.worker_lease + 5))

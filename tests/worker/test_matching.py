@@ -27,9 +27,9 @@ from tests.worker.helpers import (
     make_account,
     make_event,
     make_webhook,
+    publish_one,
     remove_webhook,
     statuses,
-    subscribed,
     wait_final,
 )
 
@@ -115,13 +115,10 @@ async def test_pending_retries_stop_when_the_webhook_goes(
         return web.Response(status=503, headers={"Retry-After": "2"})
 
     receiver.handler = broken
-    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    event = make_event(account)
-    await publisher.publish(event)
+    one = await publish_one(worker, pool, wsettings, publisher, receiver.url)
     await receiver.wait_for(1)
-    delivery_id = dlv(webhook_id, account, event)
-    await deactivate_webhook(pool, account, webhook_id)
-    row = (await wait_final(pool, [delivery_id], timeout=5))[delivery_id]
+    await deactivate_webhook(pool, one.account, one.webhook_id)
+    row = (await wait_final(pool, [one.id], timeout=5))[one.id]
     assert row["status"] == "failed"
     await asyncio.sleep(2.5)  # past the Retry-After: no second attempt comes
     assert len(receiver.requests) == 1
@@ -185,20 +182,17 @@ async def test_same_event_id_twice_delivers_once(
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    event = make_event(account)
-    await publisher.publish(event)
+    one = await publish_one(worker, pool, wsettings, publisher, receiver.url)
+    account, webhook_id, event = one.account, one.webhook_id, one.event
     await publisher.publish(event)  # maybe in the same batch
     await receiver.wait_for(1)
-    await wait_final(pool, [dlv(webhook_id, account, event)])
+    await wait_final(pool, [one.id])
     await publisher.publish(event)  # and certainly in a later one
     marker = make_event(account)
     await publisher.publish(marker)
     await receiver.wait_for(2)
     await wait_final(pool, [dlv(webhook_id, account, marker)])
     ids = [orjson.loads(r.body)["deliveryId"] for r in receiver.requests]
-    assert sorted(ids) == sorted(
-        [dlv(webhook_id, account, event), dlv(webhook_id, account, marker)]
-    )
+    assert sorted(ids) == sorted([one.id, dlv(webhook_id, account, marker)])
     rows = await statuses(pool, ids)
     assert all(r["attempts"] == 1 for r in rows.values())

@@ -25,22 +25,10 @@ from tests.worker.helpers import (
     Publisher,
     dlv,
     make_event,
+    publish_one,
     subscribed,
     wait_final,
 )
-
-
-async def _one_delivery(
-    pool: asyncpg.Pool[Any],
-    settings: Settings,
-    worker: Worker,
-    publisher: Publisher,
-    url: str,
-) -> str:
-    account, webhook_id, _ = await subscribed(worker, pool, settings, url)
-    event = make_event(account)
-    await publisher.publish(event)
-    return dlv(webhook_id, account, event)
 
 
 async def _attempts(pool: asyncpg.Pool[Any], delivery_id: str) -> list[asyncpg.Record]:
@@ -62,7 +50,7 @@ async def test_500_then_200_is_retried_and_succeeds(
         return web.Response(status=200, text="fine")
 
     receiver.handler = flaky
-    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
     rows = await wait_final(pool, [delivery_id])
     row = rows[delivery_id]
     assert row["status"] == "succeeded"
@@ -95,7 +83,7 @@ async def test_always_500_fails_after_exactly_the_configured_attempts(
         return web.Response(status=500)
 
     receiver.handler = broken
-    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     expected = len(wsettings.retry_schedule) + 1
     assert row["status"] == "failed"
@@ -146,7 +134,7 @@ async def test_receiver_answers(
 
     receiver.handler = answer
     try:
-        delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+        delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
         row = (await wait_final(pool, [delivery_id]))[delivery_id]
     finally:
         release.set()
@@ -178,9 +166,9 @@ async def test_connection_refused(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again before the attempt: nothing listens
-    delivery_id = await _one_delivery(
-        pool, wsettings, worker, publisher, f"https://127.0.0.1:{port}/hook"
-    )
+    delivery_id = (
+        await publish_one(worker, pool, wsettings, publisher, f"https://127.0.0.1:{port}/hook")
+    ).id
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert row["status"] == "failed"
     assert row["attempts"] == 2
@@ -200,7 +188,7 @@ async def test_tls_error_with_an_untrusted_certificate(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("127.0.0.1").configure_cert(context)  # a CA nobody trusts
     rogue = await make_receiver(context)
-    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, rogue.url)
+    delivery_id = (await publish_one(worker, pool, wsettings, publisher, rogue.url)).id
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert row["status"] == "failed"
     assert row["error"].startswith("TLS error")
@@ -222,7 +210,7 @@ async def test_429_with_retry_after_waits_longer_than_the_schedule(
         return web.Response(status=200)
 
     receiver.handler = limited
-    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert row["status"] == "succeeded"
     first, second = receiver.requests
@@ -248,7 +236,7 @@ async def test_retry_after_counts_from_the_response_not_the_request(
         return web.Response(status=200)
 
     receiver.handler = slow_limited
-    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert row["status"] == "succeeded"
     first, second = receiver.requests
@@ -271,7 +259,7 @@ async def test_the_schedule_counts_from_a_timeout_not_from_the_request(
         return web.Response(status=200)
 
     receiver.handler = hangs_once
-    delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+    delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert row["status"] == "succeeded"
     first, second = receiver.requests
@@ -305,7 +293,7 @@ async def test_an_attempt_that_raises_is_recorded_failed_and_retried_not_held(
         worker = Worker(wsettings, pool=pool, sender=sender)
         await worker.start()
         try:
-            delivery_id = await _one_delivery(pool, wsettings, worker, publisher, receiver.url)
+            delivery_id = (await publish_one(worker, pool, wsettings, publisher, receiver.url)).id
             row = (await wait_final(pool, [delivery_id]))[delivery_id]
         finally:
             await worker.stop(grace=0.5)
@@ -386,10 +374,8 @@ async def test_a_secret_the_worker_cannot_open_fails_its_attempts_and_loses_noth
     worker = await start_worker(
         secret_keys=(Fernet.generate_key().decode(),), retry_schedule=(0.1, 0.1)
     )
-    account, webhook_id, secret = await subscribed(worker, pool, sealing, receiver.url)
-    event = make_event(account)
-    await publisher.publish(event)
-    delivery_id = dlv(webhook_id, account, event)
+    one = await publish_one(worker, pool, sealing, publisher, receiver.url)
+    delivery_id, secret = one.id, one.secret
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     # The event still made its delivery; every attempt failed before any byte was sent.
     assert row["status"] == "failed"

@@ -18,6 +18,7 @@ from tests.worker.helpers import (
     dlv,
     eventually,
     make_event,
+    publish_one,
     subscribed,
     wait_final,
 )
@@ -57,10 +58,8 @@ async def test_a_resent_failed_delivery_gets_the_whole_schedule_again(
         return web.Response(status=500)
 
     receiver.handler = broken
-    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    event = make_event(account)
-    await publisher.publish(event)
-    delivery_id = dlv(webhook_id, account, event)
+    one = await publish_one(worker, pool, wsettings, publisher, receiver.url)
+    account, webhook_id, delivery_id = one.account, one.webhook_id, one.id
     per_schedule = len(wsettings.retry_schedule) + 1
     row = (await wait_final(pool, [delivery_id]))[delivery_id]
     assert (row["status"], row["attempts"]) == ("failed", per_schedule)
@@ -88,10 +87,8 @@ async def test_a_resent_delivery_that_succeeds_ends_succeeded(
     pool: asyncpg.Pool[Any],
     wsettings: Settings,
 ) -> None:
-    account, webhook_id, _ = await subscribed(worker, pool, wsettings, receiver.url)
-    event = make_event(account)
-    await publisher.publish(event)
-    delivery_id = dlv(webhook_id, account, event)
+    one = await publish_one(worker, pool, wsettings, publisher, receiver.url)
+    account, webhook_id, delivery_id = one.account, one.webhook_id, one.id
     await wait_final(pool, [delivery_id])
 
     await resend(pool, account, webhook_id, delivery_id)
