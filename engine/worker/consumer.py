@@ -24,14 +24,10 @@ import logging
 from typing import Any
 
 import aio_pika
-import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 
 from engine.settings import Settings
-from engine.worker.cache import SubscriptionCache
-from engine.worker.dead_letters import DeadLetters
-from engine.worker.dispatcher import Dispatcher
 from engine.worker.intake import Intake
 from engine.worker.metrics import Metrics
 from engine.worker.settling import BROKER_LOST, Acks, being_cancelled
@@ -62,25 +58,14 @@ class Consumer:
         self,
         settings: Settings,
         *,
-        pool: asyncpg.Pool[Any],
-        cache: SubscriptionCache,
-        dispatcher: Dispatcher,
+        intake: Intake,
         metrics: Metrics,
         worker_id: str,
     ) -> None:
         self._settings = settings
+        self._intake = intake
         self._metrics = metrics
         self._worker_id = worker_id
-        self._dead_letters = DeadLetters(metrics)
-        self._intake = Intake(
-            settings,
-            pool=pool,
-            cache=cache,
-            dispatcher=dispatcher,
-            dead_letters=self._dead_letters,
-            metrics=metrics,
-            worker_id=worker_id,
-        )
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
@@ -128,7 +113,7 @@ class Consumer:
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self._settings.prefetch)
             self._queue, _ = await declare_topology(channel, self._settings.queue_type)
-            await self._dead_letters.open(connection)
+            await self._intake.open(connection)
         except BaseException:
             self._connection = None
             connection.close_callbacks.discard(self._on_close)  # not a connection lost

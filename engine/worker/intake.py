@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from engine.core.events import Event, InvalidEventError, parse_event
 from engine.core.ids import delivery_id
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 class Intake:
-    """Records batches of consumed messages: `record(batch, now)`."""
+    """Records batches of consumed messages: `open(connection)`, then `record(batch, now)`."""
 
     def __init__(
         self,
@@ -55,7 +55,6 @@ class Intake:
         pool: asyncpg.Pool[Any],
         cache: SubscriptionCache,
         dispatcher: Dispatcher,
-        dead_letters: DeadLetters,
         metrics: Metrics,
         worker_id: str,
     ) -> None:
@@ -63,9 +62,13 @@ class Intake:
         self._pool = pool
         self._cache = cache
         self._dispatcher = dispatcher
-        self._dead_letters = dead_letters
+        self._dead_letters = DeadLetters(metrics)
         self._metrics = metrics
         self._worker_id = worker_id
+
+    async def open(self, connection: AbstractRobustConnection) -> None:
+        """Ready the dead letters' channel on the consumer's connection."""
+        await self._dead_letters.open(connection)
 
     async def record(self, batch: Sequence[AbstractIncomingMessage], now: float) -> None:
         """Validate the batch, dead-letter what is invalid, record and dispatch the rest."""

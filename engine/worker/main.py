@@ -28,6 +28,7 @@ from engine.worker.cache import SubscriptionCache
 from engine.worker.consumer import Consumer
 from engine.worker.dispatcher import Dispatcher
 from engine.worker.health import HealthServer
+from engine.worker.intake import Intake
 from engine.worker.leases import Leases
 from engine.worker.metrics import Metrics
 from engine.worker.poller import Poller
@@ -77,7 +78,7 @@ class Worker:
             leases=self.leases,
             worker_id=self.id,
         )
-        self.consumer = Consumer(
+        intake = Intake(
             settings,
             pool=pool,
             cache=self.cache,
@@ -85,6 +86,7 @@ class Worker:
             metrics=self.metrics,
             worker_id=self.id,
         )
+        self.consumer = Consumer(settings, intake=intake, metrics=self.metrics, worker_id=self.id)
         self.dispatcher.behind = self.consumer.behind
         self.purger = Purger(settings, metrics=self.metrics)
         self._started = False
