@@ -32,6 +32,7 @@ __all__ = [
     "pids_named",
     "py_spy",
     "receiver_process",
+    "run_module",
     "worker_process",
 ]
 
@@ -322,27 +323,32 @@ async def worker_process(
         handle.close()
 
 
+async def run_module(module: str, *args: str, within: float = 600) -> dict[str, Any]:
+    """Run `python -m <module> ARGS` (a measuring client in its own process, such as
+    `bench.limit` or `bench.consume`) and return the JSON line it printed last."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), within)
+    finally:
+        await _stop(process)
+    if process.returncode != 0:
+        raise RuntimeError(f"{module} exited with {process.returncode}")
+    result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
 class LimitClient:
     """Runs `python -m bench.limit` once and returns its JSON result."""
 
     @staticmethod
     async def run(url: str, ca: Path, concurrency: int, count: int, warmup: int) -> dict[str, Any]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        return await run_module(
             "bench.limit",
             f"--url={url}",
             f"--ca={ca}",
             f"--concurrency={concurrency}",
             f"--count={count}",
             f"--warmup={warmup}",
-            stdout=asyncio.subprocess.PIPE,
         )
-        try:
-            out, _ = await asyncio.wait_for(process.communicate(), 600)
-        finally:
-            await _stop(process)
-        if process.returncode != 0:
-            raise RuntimeError(f"the limit client exited with {process.returncode}")
-        result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
-        return result

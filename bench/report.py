@@ -21,6 +21,8 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "limit_rps": ("limit", "plain aiohttp client → receiver", "req/s"),
     "throughput_rps": ("throughput", "deliveries through the worker", "dlv/s"),
     "throughput_ratio": ("throughput", "throughput / limit", "x"),
+    "consume_cpu_us": ("consume", "aio-pika consuming alone, CPU per message", "µs"),
+    "floor_ratio": ("consume", "limit client ÷ (it + consuming alone), CPU per item", "x"),
     "fanout_rps": ("fan-out", "deliveries, 10 webhooks per event", "dlv/s"),
     "isolation_ratio": ("isolation", "healthy dlv/s / throughput", "x"),
     "isolation_p50_ms": ("isolation", "healthy p50 at half load", "ms"),

@@ -1,7 +1,7 @@
 """The scenarios, run in order in one invocation; each adds figures to `Results`.
 
-The rate scenarios — limit, throughput, isolation — run in `Sizes.rounds` interleaved rounds
-(limit, throughput, isolation, limit, throughput, …), and each figure is the sum of its rounds
+The rate scenarios — limit, consume, throughput, isolation — run in `Sizes.rounds` interleaved
+rounds (limit, consume, throughput, isolation, limit, …), and each figure is the sum of its rounds
 (items over seconds): this machine's speed drifts by tens of percent within a minute, and a ratio
 of two figures measured a minute apart measured the drift as much as the engine. Then fan-out,
 latency and scale. Later scenarios use earlier figures (the paced phases run at half of
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ from bench.procs import (
     ReceiverProcess,
     WorkerProcess,
     pids_named,
+    run_module,
     worker_process,
 )
 from bench.publisher import Publisher
@@ -241,7 +243,9 @@ async def limit(b: Bench) -> None:
         warmup=warmup,
     )
     counted = await b.receiver.count()
-    b.results.extra["limit_client_cpu_us_per_request"] = result.get("cpu_us_per_request")
+    by_round = b.results.extra.setdefault("limit_client_cpu_us_by_round", [])
+    by_round.append(result["cpu_us_per_request"])
+    b.results.extra["limit_client_cpu_us_per_request"] = round(statistics.fmean(by_round), 1)
     b.figures["limit_rps"] = b.tally(
         "limit", int(result["requests"]), result["seconds"], meter, result["requests"] + warmup
     )
@@ -251,6 +255,22 @@ async def limit(b: Bench) -> None:
         counted["badSignatures"] == 0,
         f"{counted['badSignatures']} bad",
     )
+
+
+async def consume(b: Bench) -> None:
+    """aio-pika alone taking throughput's events, nothing else done (bench/consume.py): with the
+    limit client's CPU per request, the floor of a delivery's cost on the worker's libraries."""
+    n = b.sizes.throughput_events
+    await b.publisher.prefill([(f"evt_cs{b.round}_{i}", "acct_cs") for i in range(n)])
+    meter = b.cpu_meter()
+    result = await run_module("bench.consume", f"--amqp-url={b.amqp_url}", f"--count={n}")
+    b.tally("consume", n, result["seconds"], meter)
+    by_round = b.results.extra.setdefault("consume_cpu_us_by_round", [])
+    by_round.append(result["cpu_us_per_message"])
+    consumed = b.figures["consume_cpu_us"] = round(statistics.fmean(by_round), 1)
+    sent = b.results.extra.get("limit_client_cpu_us_per_request")
+    # One process that only consumed and only sent would spend both per delivery.
+    b.figures["floor_ratio"] = sent / (sent + consumed) if sent else None
 
 
 async def _drain(
@@ -559,10 +579,11 @@ async def scale(b: Bench) -> None:
 
 
 # Run in interleaved rounds before the others (see the module's docstring).
-ROUNDED = ("limit", "throughput", "isolation")
+ROUNDED = ("limit", "consume", "throughput", "isolation")
 
 SCENARIOS = {
     "limit": limit,
+    "consume": consume,
     "throughput": throughput,
     "fanout": fanout,
     "latency": latency,

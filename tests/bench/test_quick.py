@@ -24,6 +24,8 @@ KEYS = (
     "limit_rps",
     "throughput_rps",
     "throughput_ratio",
+    "consume_cpu_us",
+    "floor_ratio",
     "fanout_rps",
     "isolation_ratio",
     "isolation_p50_ms",
@@ -87,6 +89,9 @@ def test_summary_has_every_figure_and_target(quick: Quick) -> None:
 def test_loose_bounds(quick: Quick) -> None:
     _, s = quick
     assert 0 < s["throughput_ratio"] < 5
+    # The floor is a share of one client's cost: between 0 and 1, and no worker beats it by far.
+    assert 0 < s["floor_ratio"] < 1
+    assert s["extra"]["consume_rps_by_round"]
     assert 0 < s["isolation_ratio"] < 5
     assert s["latency_p50_ms"] <= s["latency_p99_ms"] <= s["latency_p999_ms"]
     assert s["isolation_p50_ms"] <= s["isolation_p99_ms"]
