@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from bench.publisher import QUEUE
 from bench.receiver import run
 from engine.settings import Settings
-from engine.worker.consumer import ACK_EVERY
+from engine.worker.settling import ACK_EVERY
 
 __all__ = ["consume", "main"]
 
