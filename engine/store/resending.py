@@ -25,17 +25,18 @@ from engine.store.deliveries import RECORD_COLUMNS, Conn
 
 __all__ = ["Refusal", "Resent", "recover", "resend"]
 
-_ACTIVE_WEBHOOK = """SELECT id, url FROM webhooks
+# The endpoint is computed here, once per statement, not once per delivery it makes pending.
+_ACTIVE_WEBHOOK = """SELECT id, cargolint_endpoint(url) AS endpoint FROM webhooks
                      WHERE id = $2 AND account_id = $3 AND mode = $4 AND deleted_at IS NULL
                        AND active
                      FOR SHARE"""
 
 
-def _fresh(url: str) -> str:
+def _fresh(endpoint: str) -> str:
     """What a resend sets: pending, claimed by nobody, a schedule that starts over, and the
-    endpoint of the webhook's URL now (`url`: its column, read from the locked webhook row)."""
+    endpoint of the webhook's URL now (`endpoint`: its column, from the locked webhook row)."""
     return f"""status = 'pending', retry_base = d.attempts, claimed_by = NULL,
-                endpoint = cargolint_endpoint({url})"""
+                endpoint = {endpoint}"""
 
 
 class Refusal(enum.Enum):
@@ -59,7 +60,7 @@ async def resend(
     """Resend one ended delivery of the key's own webhook, or say why not."""
     row = await conn.fetchrow(
         f"""WITH w AS ({_ACTIVE_WEBHOOK})
-            UPDATE deliveries d SET {_fresh("w.url")}, next_attempt_at = now()
+            UPDATE deliveries d SET {_fresh("w.endpoint")}, next_attempt_at = now()
             FROM w
             WHERE d.id = $1 AND d.webhook_id = w.id
               AND d.status IN ('succeeded', 'failed') AND NOT d.is_test
@@ -113,12 +114,12 @@ async def recover(
     row = await conn.fetchrow(
         f"""WITH w AS ({_ACTIVE_WEBHOOK}),
             picked AS (
-                SELECT d.id, w.url, row_number() OVER (ORDER BY d.created_at, d.id) - 1 AS n
+                SELECT d.id, w.endpoint, row_number() OVER (ORDER BY d.created_at, d.id) - 1 AS n
                 FROM deliveries d JOIN w ON d.webhook_id = w.id
                 WHERE d.status = 'failed' AND NOT d.is_test
                   AND d.created_at >= $1 AND d.created_at < coalesce($5, now())),
             resent AS (
-                UPDATE deliveries d SET {_fresh("picked.url")},
+                UPDATE deliveries d SET {_fresh("picked.endpoint")},
                     next_attempt_at = now() + make_interval(
                         secs => greatest(picked.n + 1 - $6::float8, 0) / $6::float8)
                 FROM picked
