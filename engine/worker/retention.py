@@ -36,7 +36,9 @@ __all__ = ["Purger", "RunResult", "pause_after"]
 log = logging.getLogger(__name__)
 
 EVERY = 15.0
-BATCH = 5000
+# Small batches: each one's work lands on the cores and the WAL the deliveries use, at once. With
+# 5,000 a batch every ~6 s stalled paced deliveries for 150-200 ms (p99 45 -> 155 ms).
+BATCH = 1000
 RUN_BUDGET = 10.0
 # How often a run also counts the hours that settled for long delivery lists (hours settle once
 # an hour; this also notices a webhook whose history grew long enough to be counted).
