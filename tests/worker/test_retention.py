@@ -437,6 +437,34 @@ async def test_a_worker_purges_on_start(
     assert _sample(worker.metrics, "retention_removed_total", table="deliveries") >= 1
 
 
+async def test_of_two_workers_purging_each_old_row_is_removed_once(
+    pool: asyncpg.Pool[Any], start_worker: StartWorker, settings: Settings
+) -> None:
+    # Two workers of one fleet, both running the purge loop: one run at a time holds the lock,
+    # so together they remove each old row once and count it once.
+    while (await Purger(with_(settings, retention=1.0), metrics=Metrics()).run_once()).more:
+        pass
+    account = await make_account(pool)
+    hook, _ = await make_webhook(pool, settings, account, URL)
+    old = [
+        await add_delivery(
+            pool, hook, account, mode="live", status="succeeded", attempts=1, created_at=_ago(5)
+        )
+        for _ in range(30)
+    ]
+    kept = await add_delivery(pool, hook, account, mode="live", status="pending")
+
+    workers = [await start_worker(retention=2.0) for _ in range(2)]
+
+    for _ in range(300):
+        if not await _present(pool, old):
+            break
+        await asyncio.sleep(0.1)
+    assert await _present(pool, [*old, kept]) == {kept}
+    counted = [_sample(w.metrics, "retention_removed_total", table="deliveries") for w in workers]
+    assert sum(counted) == len(old)
+
+
 @pytest.mark.parametrize("raw", ["0", "0s", "soon", "-1d", "3 weeks"])
 def test_a_bad_retention_names_the_variable(raw: str) -> None:
     with pytest.raises(SettingsError, match="CARGOLINT_RETENTION"):
