@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bench.data import Webhook, counts, insert_webhooks, webhook_id
+from bench.data import Webhook, counts, insert_webhooks, wait_settled, webhook_id
 from bench.procs import CpuMeter, WorkerProcess
 from bench.receiver import percentile
 from bench.scenarios import FAST_LIMITS, FULL, Bench
@@ -166,7 +166,7 @@ async def _unlimited(b: Bench, count: int, run: int, into: _Unlimited) -> None:
         await b.publisher.prefill(
             [(f"evt_{name}w_{i}", hooks[i % endpoints].account_id) for i in range(warm)]
         )
-        await _succeeded(b, ids, warm, time.perf_counter())
+        await wait_settled(b.pool, ids, warm, b.sizes.wait)
         idle = _meter(workers)
         await asyncio.sleep(IDLE_SECONDS)
         into.idle_share = max(into.idle_share, idle.used()["worker"] / IDLE_SECONDS / count)
@@ -175,7 +175,10 @@ async def _unlimited(b: Bench, count: int, run: int, into: _Unlimited) -> None:
         await b.publisher.prefill(
             [(f"evt_{name}_{i}", hooks[i % endpoints].account_id) for i in range(events)]
         )
-        done = await _succeeded(b, ids, warm + events, started) - warm
+        seen, _ = await wait_settled(
+            b.pool, ids, warm + events, b.sizes.wait - (time.perf_counter() - started)
+        )
+        done = seen.succeeded - warm
         into.seconds += time.perf_counter() - started
         into.cpu += meter.used()["worker"]
         into.delivered += done
@@ -185,15 +188,6 @@ async def _unlimited(b: Bench, count: int, run: int, into: _Unlimited) -> None:
         done == events,
         f"{done} of {events}",
     )
-
-
-async def _succeeded(b: Bench, webhook_ids: list[str], want: int, started: float) -> int:
-    """Wait until `want` deliveries of these webhooks have succeeded (or the wait runs out)."""
-    seen = await counts(b.pool, webhook_ids)
-    while seen.succeeded < want and time.perf_counter() - started < b.sizes.wait:
-        await asyncio.sleep(0.05)
-        seen = await counts(b.pool, webhook_ids)
-    return seen.succeeded
 
 
 async def _limited(b: Bench, count: int) -> tuple[float, float, int]:
