@@ -243,9 +243,9 @@ async def limit(b: Bench) -> None:
         warmup=warmup,
     )
     counted = await b.receiver.count()
-    by_round = b.results.extra.setdefault("limit_client_cpu_us_by_round", [])
-    by_round.append(result["cpu_us_per_request"])
-    b.results.extra["limit_client_cpu_us_per_request"] = round(statistics.fmean(by_round), 1)
+    b.results.extra["limit_client_cpu_us_per_request"] = _mean_by_round(
+        b, "limit_client_cpu_us", result["cpu_us_per_request"]
+    )
     b.figures["limit_rps"] = b.tally(
         "limit", int(result["requests"]), result["seconds"], meter, result["requests"] + warmup
     )
@@ -257,6 +257,14 @@ async def limit(b: Bench) -> None:
     )
 
 
+def _mean_by_round(b: Bench, name: str, value: float) -> float:
+    """Add a client process's own figure of this round to `<name>_by_round` in the extras;
+    return the mean over the rounds so far."""
+    by_round = b.results.extra.setdefault(f"{name}_by_round", [])
+    by_round.append(value)
+    return round(statistics.fmean(by_round), 1)
+
+
 async def consume(b: Bench) -> None:
     """aio-pika alone taking throughput's events, nothing else done (bench/consume.py): with the
     limit client's CPU per request, the floor of a delivery's cost on the worker's libraries."""
@@ -265,9 +273,8 @@ async def consume(b: Bench) -> None:
     meter = b.cpu_meter()
     result = await run_module("bench.consume", f"--amqp-url={b.amqp_url}", f"--count={n}")
     b.tally("consume", n, result["seconds"], meter)
-    by_round = b.results.extra.setdefault("consume_cpu_us_by_round", [])
-    by_round.append(result["cpu_us_per_message"])
-    consumed = b.figures["consume_cpu_us"] = round(statistics.fmean(by_round), 1)
+    consumed = _mean_by_round(b, "consume_cpu_us", result["cpu_us_per_message"])
+    b.figures["consume_cpu_us"] = consumed
     sent = b.results.extra.get("limit_client_cpu_us_per_request")
     # One process that only consumed and only sent would spend both per delivery.
     b.figures["floor_ratio"] = sent / (sent + consumed) if sent else None
