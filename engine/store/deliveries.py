@@ -83,9 +83,10 @@ class AttemptRecord:
     next_attempt_at: datetime | None
 
 
-_INSERT_EVENTS = """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
-    ON CONFLICT DO NOTHING"""
+_EVENT_ROWS = """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])"""
+
+_INSERT_EVENTS = f"{_EVENT_ROWS} ON CONFLICT DO NOTHING"
 
 # With deliveries, an event already there is locked (ON CONFLICT DO UPDATE locks the row it
 # finds even when its WHERE updates nothing) until the deliveries are committed: the retention
@@ -93,9 +94,9 @@ _INSERT_EVENTS = """INSERT INTO events (account_id, id, mode, type, "timestamp",
 # either waits and sees the new deliveries, or removes the event first and this inserts it
 # anew. Only a republished event pays the lock; its rows arrive sorted (`_events`), in the
 # order the purge locks them too.
-_INSERT_EVENTS_LOCKING = """INSERT INTO events (account_id, id, mode, type, "timestamp", data)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
-    ON CONFLICT (account_id, id) DO UPDATE SET type = events.type WHERE false"""
+_INSERT_EVENTS_LOCKING = (
+    f"{_EVENT_ROWS} ON CONFLICT (account_id, id) DO UPDATE SET type = events.type WHERE false"
+)
 
 # One statement, so one round trip and no BEGIN/COMMIT: the events go in through a
 # data-modifying CTE, and a refused event refuses its deliveries with it (all or nothing).
