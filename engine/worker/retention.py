@@ -43,9 +43,6 @@ RUN_BUDGET = 10.0
 # How often a run also counts the hours that settled for long delivery lists (hours settle once
 # an hour; this also notices a webhook whose history grew long enough to be counted).
 COUNT_EVERY = 600.0
-# The default share (a tenth of a backend, `Settings.purge_share`) was chosen with the benchmark:
-# at a third the throughput scenario fell to 0.65 of the run without a purge (2 cores); the
-# steady state needs far less (a million deliveries a day is 12 a second).
 
 
 def pause_after(batch_seconds: float, share: float) -> float:
